@@ -1,0 +1,3 @@
+from dicom_tls_proxy.cli import main
+
+main()
