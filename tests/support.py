@@ -1,0 +1,471 @@
+"""Real parts for behaviour tests: the proxy as a subprocess, real DICOM peers, waits on conditions.
+
+Nothing here mocks a socket or TLS. Tests wait on log lines, open ports and files, never on fixed
+sleeps, so they hold on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TIMEOUT = 30.0  # generous upper bound for any wait; a passing test never sleeps it out
+
+
+def dcmtk(tool: str) -> str:
+    """The DCMTK binary, not pynetdicom's same-named Python apps that may come first on PATH."""
+    for folder in ["/usr/bin", "/usr/local/bin", *os.environ.get("PATH", "").split(os.pathsep)]:
+        path = Path(folder) / tool
+        try:
+            if path.is_file() and path.read_bytes()[:4] == b"\x7fELF":
+                return str(path)
+        except OSError:
+            continue
+    return tool
+
+
+HAVE_DCMTK = all(Path(dcmtk(t)).is_absolute() for t in ("storescu", "storescp", "echoscu"))
+
+
+# -- TOML -----------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
+    raise TypeError(type(value))
+
+
+def toml_dumps(data: dict[str, Any]) -> str:
+    """Enough TOML for configs: top-level tables, `tls.NAME` tables, arrays of tables."""
+    lines: list[str] = []
+    for key, value in data.items():
+        if key == "tls":
+            for name, table in value.items():
+                lines.append(f"[tls.{json.dumps(name)}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                lines.append(f"[[{key}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+        elif isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# -- waiting --------------------------------------------------------------------------------
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = TIMEOUT) -> None:
+    def is_open() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    wait_until(is_open, timeout, f"port {host}:{port}")
+
+
+# -- the proxy ------------------------------------------------------------------------------
+
+
+class ProxyProcess:
+    """`dicom-tls-proxy run` with JSON logs; every stderr line is parsed and kept."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_tls_proxy", "run", "-c", str(config_path)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            with self._lock:
+                self.raw.append(line)
+                try:
+                    self.lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    self.lines.append({"event": "unparsed", "msg": line})
+
+    def find(self, **match: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            return [x for x in self.lines if all(x.get(k) == v for k, v in match.items())]
+
+    def wait_for(self, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            hits = self.find(**match)
+            if not hits and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"proxy exited ({self.proc.returncode}):\n" + "\n".join(self.raw)
+                )
+            return hits[-1] if hits else None
+
+        try:
+            return wait_until(found, timeout, f"log line {match}")  # type: ignore[no-any-return]
+        except AssertionError:
+            raise AssertionError(f"no log line {match}; log:\n" + "\n".join(self.raw)) from None
+
+    def association(self, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+        return self.wait_for(timeout, event="association", **match)
+
+    def address(self, listener: str) -> tuple[str, int]:
+        line = self.wait_for(event="listening", listener=listener)
+        host, _, port = line["address"].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(TIMEOUT)
+        return self.proc.returncode
+
+
+@contextmanager
+def running_proxy(
+    tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None
+) -> Iterator[ProxyProcess]:
+    config.setdefault("proxy", {}).setdefault("log_format", "json")
+    path = tmp / "proxy.toml"
+    path.write_text(toml_dumps(config))
+    proxy = ProxyProcess(path, env)
+    try:
+        for li in config.get("listener", []):
+            proxy.address(li["name"])
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+# -- DICOM peers ----------------------------------------------------------------------------
+
+
+class LegacyDevice:
+    """A plaintext pynetdicom SCP (Verification, storage, C-FIND) that remembers what it saw."""
+
+    def __init__(self, ae_title: str = "LEGACY") -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import (
+            PatientRootQueryRetrieveInformationModelFind,
+            Verification,
+        )
+
+        self.called_aes: list[str] = []
+        self.calling_aes: list[str] = []
+        self.stored: list[Any] = []
+        self.associations = 0
+        ae = AE(ae_title)
+        ae.require_called_aet = False
+        ae.maximum_pdu_size = 0
+        ae.maximum_associations = 64
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
+
+        def on_request(event: Any) -> None:
+            self.associations += 1
+            primitive = event.assoc.requestor.primitive
+            self.called_aes.append(primitive.called_ae_title.strip())
+            self.calling_aes.append(primitive.calling_ae_title.strip())
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.stored.append(ds)
+            return 0x0000
+
+        def on_find(event: Any) -> Iterator[tuple[int, Any]]:
+            from pydicom.dataset import Dataset
+
+            ds = Dataset()
+            ds.PatientName = "DOE^JOHN"
+            ds.PatientID = "12345"
+            ds.QueryRetrieveLevel = "PATIENT"
+            yield 0xFF00, ds
+
+        self.server = ae.start_server(
+            ("127.0.0.1", 0),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_REQUESTED, on_request),
+                (evt.EVT_C_STORE, on_store),
+                (evt.EVT_C_FIND, on_find),
+            ],
+        )
+        self.port = int(self.server.server_address[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def make_dataset(rows: int = 64, columns: int = 64, seed: int = 1) -> Any:
+    """A small CT image with pixel data that differs by seed."""
+    import random
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import CTImageStorage
+
+    rnd = random.Random(seed)
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "TEST^PATIENT"
+    ds.PatientID = f"P{seed}"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(rnd.getrandbits(8) for _ in range(rows * columns * 2))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def client_ssl_context(ca: Path | None, cert: Path | None = None, key: Path | None = None) -> Any:
+    """A stdlib context for pynetdicom as the TLS client (hostname not checked, as DCMTK)."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    ctx.check_hostname = False
+    if ca is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
+def associate(
+    address: tuple[str, int],
+    called_ae: str,
+    *,
+    calling_ae: str = "TEST_SCU",
+    ssl_context: Any = None,
+    contexts: list[str] | None = None,
+) -> Any:
+    """A pynetdicom association (or its failure) through the proxy."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (
+        CTImageStorage,
+        PatientRootQueryRetrieveInformationModelFind,
+        Verification,
+    )
+
+    ae = AE(calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
+    for cx in contexts or [
+        Verification,
+        CTImageStorage,
+        PatientRootQueryRetrieveInformationModelFind,
+    ]:
+        ae.add_requested_context(cx)
+    tls_args = (ssl_context, None) if ssl_context is not None else None
+    return ae.associate(address[0], address[1], ae_title=called_ae, tls_args=tls_args)
+
+
+# -- scripted peers, for what real peers never send -------------------------------------------
+
+
+def build_rq(called_ae: str = "CT", calling_ae: str = "RAW_SCU", *, version: int = 1) -> bytes:
+    """An A-ASSOCIATE-RQ for Verification, from pynetdicom's own encoder."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import Verification
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling_ae
+    primitive.called_ae_title = called_ae
+    cx = build_context(Verification)
+    cx.context_id = 1
+    primitive.presentation_context_definition_list = [cx]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    rq = A_ASSOCIATE_RQ()
+    rq.from_primitive(primitive)
+    raw = bytearray(rq.encode())
+    raw[6:8] = version.to_bytes(2, "big")
+    return bytes(raw)
+
+
+def build_ac(rq: bytes) -> bytes:
+    """An A-ASSOCIATE-AC accepting every presentation context of `rq` with Implicit VR LE."""
+    import struct
+
+    from dicom_tls_proxy import pdu
+
+    parsed = pdu.parse_pdu(rq)
+    assert isinstance(parsed, pdu.AssociateRequest)
+    ts = b"1.2.840.10008.1.2"
+    items = bytearray()
+    app = parsed.application_context.encode()
+    items += struct.pack(">BBH", 0x10, 0, len(app)) + app
+    for pc in parsed.presentation_contexts:
+        sub = struct.pack(">BBH", 0x40, 0, len(ts)) + ts
+        items += struct.pack(">BBHBBBB", 0x21, 0, 4 + len(sub), pc.context_id, 0, 0, 0) + sub
+    user = struct.pack(">BBHI", 0x51, 0, 4, 16384)
+    items += struct.pack(">BBH", 0x50, 0, len(user)) + user
+    body = struct.pack(">HH", 1, 0) + rq[10:42] + bytes(32) + bytes(items)
+    return struct.pack(">BBI", 0x02, 0, len(body)) + body
+
+
+class RawClient:
+    """A TLS (or plain) socket speaking bytes: for PDUs no real peer would send."""
+
+    def __init__(self, address: tuple[str, int], ssl_context: Any = None) -> None:
+        sock = socket.create_connection(address, timeout=TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ssl_context.wrap_socket(sock) if ssl_context is not None else sock
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise EOFError(f"closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return buf
+
+    def read_pdu(self) -> bytes:
+        header = self.read_exact(6)
+        length = int.from_bytes(header[2:6], "big")
+        return header + self.read_exact(length)
+
+    def read_eof(self) -> bytes:
+        """Everything until the peer closes (b"" if it closes at once)."""
+        data = b""
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except (ConnectionResetError, OSError):
+            pass
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ScriptedUpstream:
+    """A plaintext TCP server whose behaviour per connection is a function of the socket."""
+
+    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = int(self.listener.getsockname()[1])
+        self.address = f"127.0.0.1:{self.port}"
+        self.received: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self._script = script
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        try:
+            self._script(conn)
+        except BaseException as exc:  # kept for the test to look at
+            self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def read_pdu(self, conn: socket.socket) -> bytes:
+        header = _recv_exact(conn, 6)
+        data = header + _recv_exact(conn, int.from_bytes(header[2:6], "big"))
+        self.received.append(data)
+        return data
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf

@@ -1,0 +1,392 @@
+"""`check` on good and broken configs: exit codes, `FILE: key.path: message`, no secret echoed."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
+
+from dicom_tls_proxy.cli import main
+from dicom_tls_proxy.config import load_config, parse_endpoint
+from tests.support import toml_dumps
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base_config(pki: Path) -> dict[str, Any]:
+    return {
+        "proxy": {"handshake_timeout": 5.0},
+        "tls": {
+            "inbound": {
+                "certificate": str(pki / "proxy.pem"),
+                "private_key": str(pki / "proxy.key"),
+                "ca": str(pki / "ca.pem"),
+            },
+            "out": {"ca": str(pki / "ca.pem"), "server_name": "localhost"},
+        },
+        "listener": [
+            {"name": "tls", "bind": "127.0.0.1:2762", "tls": "inbound"},
+            {"name": "plain", "bind": "[::1]:11112"},
+        ],
+        "route": [
+            {"called_ae": "CT", "upstream": "127.0.0.1:104", "allow_peer": ["cn:dicom-client"]},
+            {
+                "called_ae": "PACS",
+                "listeners": ["plain"],
+                "upstream": "localhost:2762",
+                "upstream_tls": "out",
+            },
+        ],
+    }
+
+
+def run_check(tmp_path: Path, config: dict[str, Any] | str) -> tuple[int, str, str, Path]:
+    path = tmp_path / "proxy.toml"
+    path.write_text(config if isinstance(config, str) else toml_dumps(config))
+    result = CliRunner().invoke(main, ["check", "-c", str(path)])
+    return result.exit_code, result.stdout, result.stderr, path
+
+
+def test_good_config_passes(tmp_path: Path, pki: Path) -> None:
+    code, out, err, path = run_check(tmp_path, base_config(pki))
+    assert code == 0, err
+    assert f"{path}: OK" in out
+    assert "listener tls: 127.0.0.1:2762 TLS [tls.inbound]" in out
+    assert "listener plain: [::1]:11112 plaintext" in out
+    assert "route CT: called AE 'CT' from tls -> 127.0.0.1:104" in out
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A mutation: set a dotted path (list indexes as numbers); value None deletes it."""
+
+    def apply(cfg: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = cfg
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if value is None:
+            del node[int(last) if last.isdigit() else last]
+        else:
+            node[int(last) if last.isdigit() else last] = value
+
+    return apply
+
+
+BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("unknown top key", _set("proxi", {}), "proxi: unknown key"),
+    (
+        "unknown proxy key",
+        _set("proxy.handshake_timeot", 1.0),
+        "proxy.handshake_timeot: unknown key",
+    ),
+    (
+        "timeout wrong type",
+        _set("proxy.handshake_timeout", "10"),
+        "proxy.handshake_timeout: expected a number",
+    ),
+    ("negative timeout", _set("proxy.idle_timeout", -1), "proxy.idle_timeout: must be a positive"),
+    (
+        "max_connections zero",
+        _set("proxy.max_connections", 0),
+        "proxy.max_connections: must be at least 1",
+    ),
+    ("bool as number", _set("proxy.max_pending", True), "proxy.max_pending: expected a number"),
+    (
+        "bad log format",
+        _set("proxy.log_format", "xml"),
+        "proxy.log_format: must be one of text, json",
+    ),
+    ("bad verify", _set("tls.inbound.verify", "strict"), "tls.inbound.verify: must be one of"),
+    ("bad profile", _set("tls.inbound.profile", "tls12"), "tls.inbound.profile: must be one of"),
+    ("missing cert file", _set("tls.inbound.certificate", "nope.pem"), "tls.inbound.certificate: "),
+    ("missing ca", _set("tls.inbound.ca", None), 'tls.inbound.ca: verify = "chain" needs a ca'),
+    (
+        "thumbprint without list",
+        _set("tls.inbound.verify", "thumbprint"),
+        "tls.inbound.accepted_thumbprints: verify",
+    ),
+    (
+        "bad thumbprint",
+        _set("tls.inbound.accepted_thumbprints", ["sha256:abcd"]),
+        "tls.inbound.accepted_thumbprints[0]:",
+    ),
+    (
+        "literal password",
+        _set("tls.inbound.password", "hunter2"),
+        "tls.inbound.password: unknown key (passwords are never literal",
+    ),
+    ("unknown tls key", _set("tls.inbound.cert", "x"), "tls.inbound.cert: unknown key"),
+    ("listener without bind", _set("listener.0.bind", None), "listener[0].bind: missing"),
+    ("bad bind", _set("listener.0.bind", "localhost"), "listener[0].bind: expected host:port"),
+    ("bad ipv6 bind", _set("listener.1.bind", "::1:104"), "listener[1].bind: expected host:port"),
+    (
+        "port out of range",
+        _set("route.0.upstream", "10.0.0.1:70000"),
+        "route[0].upstream: port 70000 is out of range",
+    ),
+    (
+        "duplicate listener",
+        _set("listener.1.name", "tls"),
+        "listener[1].name: duplicate listener name 'tls'",
+    ),
+    (
+        "unknown tls table",
+        _set("listener.0.tls", "missing"),
+        "listener[0].tls: no [tls.missing] table",
+    ),
+    (
+        "route to unknown listener",
+        _set("route.1.listeners", ["nope"]),
+        "route[1].listeners[0]: no listener named 'nope'",
+    ),
+    (
+        "route unknown upstream_tls",
+        _set("route.1.upstream_tls", "nope"),
+        "route[1].upstream_tls: no [tls.nope] table",
+    ),
+    ("duplicate called ae", _set("route.1.listeners", ["tls"]), ""),  # replaced below
+    ("bad called ae", _set("route.0.called_ae", "A\\B"), "route[0].called_ae:"),
+    ("called ae too long", _set("route.0.called_ae", "ABCDEFGHIJKLMNOPQ"), "route[0].called_ae:"),
+    ("all-space called ae", _set("route.0.called_ae", "    "), "route[0].called_ae:"),
+    (
+        "bad cidr",
+        _set("route.0.allow_source", ["10.0.0.0/33"]),
+        "route[0].allow_source[0]: '10.0.0.0/33' is not",
+    ),
+    (
+        "bad matcher",
+        _set("route.0.allow_peer", ["email:x@y"]),
+        "route[0].allow_peer[0]: unknown matcher kind",
+    ),
+    ("bad rewrite ae", _set("route.0.upstream_called_ae", ""), "route[0].upstream_called_ae:"),
+    (
+        "allow_calling_ae not a list",
+        _set("route.0.allow_calling_ae", 3),
+        "route[0].allow_calling_ae: expected a list",
+    ),
+    ("upstream missing", _set("route.0.upstream", None), "route[0].upstream: missing"),
+    (
+        "listener table not array",
+        _set("listener", {"name": "x"}),
+        "listener: expected an array of tables",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_config_names_file_and_key(
+    tmp_path: Path, pki: Path, name: str, mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    cfg = copy.deepcopy(base_config(pki))
+    if name == "duplicate called ae":
+        cfg["route"][1]["called_ae"] = "CT"
+        cfg["route"][1]["listeners"] = ["tls", "plain"]
+        cfg["route"][1].pop("upstream_tls")
+        expected = "route[1].called_ae: 'CT' is already routed from listener 'tls' by route[0]"
+    mutate(cfg)
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: {expected}" in err, err
+
+
+def test_name_matcher_needs_verified_chain(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"]["verify"] = "thumbprint"
+    cfg["tls"]["inbound"]["accepted_thumbprints"] = ["a" * 64]
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: route[0].allow_peer[0]: cn: names are only proven by a verified chain" in err
+
+
+def test_allow_peer_on_plaintext_listener_is_an_error(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    cfg["route"][1]["allow_peer"] = ["sha256:" + "a" * 64]
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: route[1].allow_peer: listener 'plain' is plaintext" in err
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    cfg["proxy"]["idle_timeout"] = 0
+    cfg["listener"][0]["bind"] = "nowhere"
+    code, _, err, _ = run_check(tmp_path, cfg)
+    assert code == 2
+    assert "proxy.idle_timeout" in err and "listener[0].bind" in err
+
+
+def test_toml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
+    code, _, err, path = run_check(tmp_path, "[proxy]\nhandshake_timeout = \n")
+    assert code == 2
+    assert err.startswith(f"{path}:2:21: ")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["check", "-c", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2
+    assert "none.toml: cannot read" in result.stderr
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, pki: Path) -> None:
+    shutil.copytree(pki, tmp_path / "certs")
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"].update(
+        certificate="certs/proxy.pem", private_key="certs/proxy.key", ca="certs"
+    )
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml_dumps(cfg))
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "dicom_tls_proxy", "check", "-c", str(path)],
+        cwd=tmp_path / "conf",
+        capture_output=True,
+        text=True,
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+
+
+def _encrypted_key(pki: Path, dest: Path, password: bytes) -> Path:
+    key = serialization.load_pem_private_key((pki / "proxy.key").read_bytes(), None)
+    dest.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password),
+        )
+    )
+    dest.chmod(0o600)
+    return dest
+
+
+def test_encrypted_key_right_and_wrong_password(tmp_path: Path, pki: Path) -> None:
+    password = b"correct horse battery staple"
+    key = _encrypted_key(pki, tmp_path / "enc.key", password)
+    pw = tmp_path / "key.pass"
+    pw.write_bytes(password + b"\n")
+    pw.chmod(0o600)
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"].update(private_key=str(key), password_file=str(pw))
+    code, _, err, _ = run_check(tmp_path, cfg)
+    assert code == 0, err
+
+    pw.write_bytes(b"Tr0ub4dor&3\n")
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: tls.inbound.password_file: " in err
+    assert "Tr0ub4dor" not in err and "correct horse" not in err
+
+
+def test_password_from_environment(
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = _encrypted_key(pki, tmp_path / "enc.key", b"s3cret-env")
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"].update(private_key=str(key), password_env="PROXY_KEY_PASSWORD")
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert (
+        code == 2
+        and f"{path}: tls.inbound.password_env: environment variable PROXY_KEY_PASSWORD is not set"
+        in err
+    )
+    monkeypatch.setenv("PROXY_KEY_PASSWORD", "s3cret-env")
+    code, _, err, _ = run_check(tmp_path, cfg)
+    assert code == 0, err
+
+
+def test_pkcs12_with_and_without_password(tmp_path: Path, pki: Path) -> None:
+    for password in ("p12-secret", ""):
+        p12 = tmp_path / f"proxy{len(password)}.p12"
+        subprocess.run(
+            [
+                "openssl",
+                "pkcs12",
+                "-export",
+                "-in",
+                str(pki / "proxy.pem"),
+                "-inkey",
+                str(pki / "proxy.key"),
+                "-out",
+                str(p12),
+                "-passout",
+                f"pass:{password}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        p12.chmod(0o600)
+        cfg = base_config(pki)
+        del cfg["tls"]["inbound"]["private_key"]
+        cfg["tls"]["inbound"]["certificate"] = str(p12)
+        if password:
+            pw = tmp_path / "p12.pass"
+            pw.write_text(password)
+            pw.chmod(0o600)
+            cfg["tls"]["inbound"]["password_file"] = str(pw)
+        code, _, err, _ = run_check(tmp_path, cfg)
+        assert code == 0, err
+        if password:  # and the wrong one blames the password key
+            pw.write_text("wrong")
+            code, _, err, path = run_check(tmp_path, cfg)
+            assert code == 2 and f"{path}: tls.inbound.password_file:" in err, err
+
+
+def test_certificate_not_matching_key(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"]["private_key"] = str(pki / "client.key")
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: tls.inbound." in err and "does not match" in err
+    assert "PRIVATE KEY" not in err
+
+
+def test_world_readable_key_warns(tmp_path: Path, pki: Path) -> None:
+    key = tmp_path / "open.key"
+    shutil.copy(pki / "proxy.key", key)
+    os.chmod(key, 0o644)
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"]["private_key"] = str(key)
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 0
+    assert f"warning: {path}: tls.inbound.private_key:" in err
+
+
+def test_insecure_modes_load_with_warnings(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"].update(verify="none", profile="legacy")
+    cfg["route"][0].pop("allow_peer")
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 0, err
+    assert f"{path}: tls.inbound.verify:" in err and f"{path}: tls.inbound.profile:" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:104", "127.0.0.1", 104),
+        ("[::1]:2762", "::1", 2762),
+        ("pacs.example.org:11112", "pacs.example.org", 11112),
+    ],
+)
+def test_endpoints(text: str, host: str, port: int) -> None:
+    endpoint = parse_endpoint(text)
+    assert (endpoint.host, endpoint.port) == (host, port)
+    assert str(endpoint) == text
+
+
+def test_example_config_passes_after_certs_init(tmp_path: Path) -> None:
+    """The README's first steps: `certs init certs` beside config.example.toml, then `check`."""
+    shutil.copy(REPO / "config.example.toml", tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(main, ["certs", "init", str(tmp_path / "certs")]).exit_code == 0
+    result = runner.invoke(main, ["check", "-c", str(tmp_path / "config.example.toml")])
+    assert result.exit_code == 0, result.stderr
+    load_config(tmp_path / "config.example.toml")
