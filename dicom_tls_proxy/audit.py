@@ -1,0 +1,108 @@
+"""The record of one association, and the log lines it becomes.
+
+One record per connection, filled in as the connection travels and written once when it ends. Logs
+read it now; metrics and the audit trail will read the same record, so field names are defined
+here once. It holds no secret: certificates appear only as subject and SHA-256 thumbprint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from dicom_tls_proxy.vocabulary import EXPLANATIONS, Outcome, Reason
+
+log = logging.getLogger("dicom_tls_proxy")
+
+
+@dataclass
+class AssociationRecord:
+    listener: str
+    peer: str
+    tls_version: str = ""
+    cipher: str = ""
+    encryption: str = ""
+    mac: str = ""
+    peer_subject: str = ""
+    peer_sha256: str = ""
+    calling_ae: str = ""
+    called_ae: str = ""
+    abstract_syntaxes: list[str] = field(default_factory=list)
+    route: str = ""
+    upstream: str = ""
+    outcome: str = ""
+    reason: str = ""
+    detail: str = ""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration_s: float = 0.0
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+    def finish(self, outcome: Outcome, reason: Reason, detail: str = "") -> None:
+        if self.outcome:  # the first cause wins; later ones are consequences
+            return
+        self.outcome = outcome.value
+        self.reason = reason.value
+        self.detail = detail or EXPLANATIONS.get(reason, "")
+        self.duration_s = round(time.monotonic() - self.started, 4)
+
+    def fields(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("started")
+        return {"ts": _now(), "event": "association", **data}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, fmt: str) -> None:
+        super().__init__()
+        self.json = fmt == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", None) or {
+            "ts": _now(),
+            "event": getattr(record, "event", "message"),
+            "msg": record.getMessage(),
+        }
+        fields = {"ts": fields["ts"], "level": record.levelname.lower(), **fields}
+        if record.exc_info:
+            fields["traceback"] = self.formatException(record.exc_info)
+        if self.json:
+            return json.dumps(fields, ensure_ascii=False)
+        return " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+
+
+def setup_logging(fmt: str = "text", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(fmt))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def emit(record: AssociationRecord) -> None:
+    """The one log line of an association: info when it completed, warning otherwise."""
+    level = logging.INFO if record.outcome in (Outcome.COMPLETED, "") else logging.WARNING
+    log.log(level, "association", extra={"fields": record.fields()})
+
+
+def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """A log line that is not an association (start, stop, listening, warnings)."""
+    log.log(level, name, extra={"fields": {"ts": _now(), "event": name, **fields}})

@@ -1,0 +1,120 @@
+"""Relaying an established association: two pumps, large chunks, PDU boundaries only.
+
+Once the upstream has answered the A-ASSOCIATE-RQ the proxy moves bytes as they come, one chunk per
+wake-up, with no per-byte Python work: a `BoundaryTracker` reads only the 6-byte PDU headers so the
+relay knows whether the association was released or aborted and whether an A-ABORT may be injected
+(only between PDUs; never after an A-RELEASE-RP). Backpressure is natural: a pump does not
+read again until its `send_all` returned, so a slow side slows the other and memory stays
+bounded. The idle timeout is one cancel-scope deadline that both pumps push forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from dicom_tls_proxy.audit import AssociationRecord
+from dicom_tls_proxy.pdu import BoundaryTracker, PduError, encode_abort
+from dicom_tls_proxy.tls import ByteStream
+from dicom_tls_proxy.vocabulary import Outcome, Reason
+
+CHUNK = 256 * 1024
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass
+class _Side:
+    name: str  # "client" or "upstream"
+    stream: ByteStream
+    tracker: BoundaryTracker  # PDUs this side has *sent*
+    closed: bool = False
+    broken: bool = False  # our writes to it failed
+
+
+async def relay(
+    client: ByteStream,
+    upstream: ByteStream,
+    record: AssociationRecord,
+    idle_timeout: float,
+    max_pdu_length: int | None = None,
+) -> None:
+    """Relay until the association ends; fills in the record's outcome; closes nothing."""
+    c = _Side("client", client, BoundaryTracker(max_pdu_length))
+    u = _Side("upstream", upstream, BoundaryTracker(max_pdu_length))
+    invalid: list[str] = []
+    with trio.CancelScope() as idle:
+        idle.deadline = trio.current_time() + idle_timeout
+
+        async def pump(src: _Side, dst: _Side, nursery: trio.Nursery) -> None:
+            counter = "bytes_up" if src is c else "bytes_down"
+            try:
+                while True:
+                    data = await src.stream.receive_some(CHUNK)
+                    if not data:
+                        src.closed = True
+                        break
+                    idle.deadline = trio.current_time() + idle_timeout
+                    try:
+                        src.tracker.feed(data)
+                    except PduError as exc:
+                        invalid.append(f"{src.name} sent an invalid PDU: {exc}")
+                        break
+                    try:
+                        await dst.stream.send_all(data)
+                    except STREAM_ERRORS:
+                        dst.broken = dst.closed = True
+                        break
+                    setattr(record, counter, getattr(record, counter) + len(data))
+                    if src.tracker.seen_abort:
+                        break
+            except STREAM_ERRORS:
+                src.closed = True
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, c, u, nursery)
+            nursery.start_soon(pump, u, c, nursery)
+
+    released = c.tracker.seen_release_rp or u.tracker.seen_release_rp
+    if c.tracker.seen_abort:
+        record.finish(Outcome.ABORTED, Reason.CLIENT_ABORTED)
+    elif u.tracker.seen_abort:
+        record.finish(Outcome.ABORTED, Reason.UPSTREAM_ABORTED)
+    elif released:
+        record.finish(Outcome.COMPLETED, Reason.RELEASED)
+    elif invalid:
+        record.finish(Outcome.ABORTED, Reason.INVALID_PDU, invalid[0])
+        await _abort(c, u)
+        await _abort(u, c)
+    elif idle.cancelled_caught:
+        record.finish(Outcome.TIMED_OUT, Reason.IDLE_TIMEOUT)
+        await _abort(c, u)
+        await _abort(u, c)
+    elif c.closed and not c.broken:
+        record.finish(Outcome.ABORTED, Reason.CLIENT_CLOSED)
+        await _abort(u, c)
+    else:
+        record.finish(Outcome.ABORTED, Reason.UPSTREAM_CLOSED)
+        await _abort(c, u)
+
+
+async def _abort(to: _Side, other: _Side) -> None:
+    """A-ABORT (2, 0) to `to`, only where the bytes it received so far end on a PDU boundary."""
+    if to.closed or to.broken or not other.tracker.at_boundary:
+        return
+    with trio.move_on_after(2):
+        try:
+            await to.stream.send_all(encode_abort(2, 0))
+        except STREAM_ERRORS:
+            pass
+
+
+async def abort_all(streams: list[ByteStream]) -> None:
+    """Used outside a relay (before the association is up)."""
+    for s in streams:
+        with trio.move_on_after(2):
+            try:
+                await s.send_all(encode_abort(2, 0))
+            except STREAM_ERRORS:
+                pass

@@ -1,0 +1,526 @@
+"""The top floor: listeners, one task per connection, a cancel scope for every timeout.
+
+A connection walks one way: accept (listener allow_source, max_pending) -> TLS handshake -> first
+PDU within handshake_timeout -> routing.decide -> connect upstream (plain or TLS) within
+connect_timeout -> forward the RQ, relay the answer within associate_timeout -> relay both ways ->
+one log record. Every refusal is a value from a pure function, answered here in DICOM and closed
+gracefully (a bare close with unread input sends a TCP reset that can destroy the answer).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+from OpenSSL import SSL
+
+from dicom_tls_proxy import audit, pdu, policy, routing, tls
+from dicom_tls_proxy.audit import AssociationRecord, event
+from dicom_tls_proxy.auth import PeerIdentity, source_allowed
+from dicom_tls_proxy.config import Config, Listener, Route
+from dicom_tls_proxy.relay import STREAM_ERRORS, relay
+from dicom_tls_proxy.vocabulary import REFUSALS, Abort, Close, Outcome, Reason, Reject
+
+DRAIN_LIMIT = 64 * 1024  # bytes read and discarded after a refusal, before closing
+DRAIN_SECONDS = 2.0
+ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class Refused(Exception):
+    """Internal control flow of one connection: answer with `reason` and stop."""
+
+    def __init__(self, reason: Reason, detail: str = "", *, before_tls: bool = False) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.before_tls = before_tls  # closed at accept: no TLS byte, no PDU, only the log line
+
+
+def outcome_of(reason: Reason) -> Outcome:
+    answer = REFUSALS.get(reason)
+    if isinstance(answer, Reject):
+        return Outcome.REJECTED
+    if isinstance(answer, Abort):
+        return Outcome.ABORTED
+    if reason in (Reason.HANDSHAKE_TIMEOUT, Reason.IDLE_TIMEOUT):
+        return Outcome.TIMED_OUT
+    return Outcome.REFUSED
+
+
+def answer_bytes(reason: Reason) -> bytes:
+    answer = REFUSALS.get(reason, Close())
+    if isinstance(answer, Reject):
+        return pdu.encode_reject(answer.result, answer.source, answer.reason)
+    if isinstance(answer, Abort):
+        return pdu.encode_abort(answer.source, answer.reason)
+    return b""
+
+
+@dataclass
+class Proxy:
+    """The running proxy: contexts built once per config, counters shared by all connections."""
+
+    config: Config
+    server_contexts: dict[str, SSL.Context] = field(default_factory=dict)
+    client_contexts: dict[str, SSL.Context] = field(default_factory=dict)
+    active: int = 0
+    on_bound: Callable[[str, str], None] | None = None
+
+    def __post_init__(self) -> None:
+        for li in self.config.listeners:
+            if li.tls is not None and li.tls not in self.server_contexts:
+                self.server_contexts[li.tls] = tls.server_context(self.config.tls[li.tls])
+        for route in self.config.routes:
+            if route.upstream_tls is not None and route.upstream_tls not in self.client_contexts:
+                self.client_contexts[route.upstream_tls] = tls.client_context(
+                    self.config.tls[route.upstream_tls]
+                )
+        self.pending = trio.Semaphore(self.config.proxy.max_pending)
+
+    # -- listening --------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        bound: list[tuple[Listener, trio.SocketListener]] = []
+        for li in self.config.listeners:
+            host = None if li.bind.host in ("", "*") else li.bind.host
+            try:
+                listeners = await trio.open_tcp_listeners(li.bind.port, host=host, backlog=1024)
+            except OSError as exc:
+                raise SystemExit(
+                    f"{self.config.path}: {li.key_path}.bind: cannot listen on {li.bind}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            for sl in listeners:
+                bound.append((li, sl))
+        addresses = []
+        for li, sl in bound:
+            address = _format_address(sl.socket.getsockname())
+            addresses.append(address)
+            kind = f"tls:{li.tls}" if li.tls else "plaintext"
+            event("listening", listener=li.name, address=address, kind=kind)
+            if self.on_bound:
+                self.on_bound(li.name, address)
+        for name, table in self.config.tls.items():
+            if table.verify == "none":
+                event(
+                    "insecure",
+                    logging.WARNING,
+                    tls=name,
+                    msg='verify = "none": peers are not authenticated',
+                )
+            if table.profile == "legacy":
+                event(
+                    "insecure",
+                    logging.WARNING,
+                    tls=name,
+                    msg='profile = "legacy": TLS 1.0/1.1 and CBC suites allowed',
+                )
+        async with trio.open_nursery() as nursery:
+            for li, sl in bound:
+                nursery.start_soon(self._accept_loop, li, sl, nursery)
+            task_status.started(addresses)
+
+    async def _accept_loop(
+        self, li: Listener, sl: trio.SocketListener, nursery: trio.Nursery
+    ) -> None:
+        async with sl:
+            while True:
+                await (
+                    self.pending.acquire()
+                )  # beyond max_pending, clients wait in the kernel backlog
+                try:
+                    stream = await sl.accept()
+                except OSError as exc:
+                    self.pending.release()
+                    if exc.errno in ACCEPT_ERRORS:
+                        event("accept-failed", logging.ERROR, listener=li.name, msg=str(exc))
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self._connection, li, stream)
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _connection(self, li: Listener, stream: trio.SocketStream) -> None:
+        peer = _peer_of(stream)
+        record = AssociationRecord(listener=li.name, peer=_format_address(peer))
+        pending = _Slot(self.pending)
+        client: tls.ByteStream = stream
+        upstream: tls.ByteStream | None = None
+        try:
+            source = ipaddress.ip_address(peer[0].split("%")[0])
+            if not source_allowed(li.allow_source, source):
+                raise Refused(
+                    Reason.SOURCE_NOT_ALLOWED,
+                    f"{source} is not in {li.name}'s allow_source",
+                    before_tls=True,
+                )
+            with trio.move_on_after(self.config.proxy.handshake_timeout) as scope:
+                client, identity = await self._handshake(li, stream, record)
+                raw, extra = await read_pdu(
+                    client, self.config.proxy.max_associate_length, first=True
+                )
+            if scope.cancelled_caught:
+                raise Refused(
+                    Reason.HANDSHAKE_TIMEOUT, "no complete A-ASSOCIATE-RQ within handshake_timeout"
+                )
+            pending.release()
+            rq = _parse_request(raw)
+            _describe_request(record, rq)
+            decision = routing.decide(self.config, li, identity, source, rq)
+            if isinstance(decision, routing.Refusal):
+                if decision.route:
+                    record.route = decision.route.name
+                raise Refused(decision.reason, decision.detail)
+            route = decision.route
+            record.route, record.upstream = route.name, str(route.upstream)
+            if self.active >= self.config.proxy.max_connections:
+                raise Refused(Reason.TOO_MANY_ASSOCIATIONS, f"{self.active} associations relayed")
+            self.active += 1
+            try:
+                upstream = await self._open_upstream(route, record)
+                answered = await self._associate(client, upstream, route, rq, record)
+                if answered:
+                    if extra:
+                        await upstream.send_all(extra)
+                    await relay(client, upstream, record, self.config.proxy.idle_timeout)
+            finally:
+                self.active -= 1
+        except Refused as refusal:
+            if refusal.before_tls:
+                record.finish(Outcome.REFUSED, refusal.reason, refusal.detail)
+            else:
+                record.finish(outcome_of(refusal.reason), refusal.reason, refusal.detail)
+                await answer_and_close(client, answer_bytes(refusal.reason))
+        except pdu.PduError as exc:
+            reason = {1: Reason.UNRECOGNIZED_PDU, 2: Reason.UNEXPECTED_PDU}.get(
+                exc.abort_reason, Reason.INVALID_PDU
+            )
+            record.finish(Outcome.ABORTED, reason, str(exc))
+            await answer_and_close(client, answer_bytes(reason))
+        except tls.TlsFailure as failure:
+            if failure.certificate is not None:
+                d = policy.describe(failure.certificate)
+                record.peer_subject, record.peer_sha256 = d["subject"], d["sha256"]
+            record.finish(Outcome.TLS_FAILED, failure.reason, str(failure))
+        except STREAM_ERRORS as exc:
+            record.finish(Outcome.ABORTED, Reason.CLIENT_CLOSED, f"connection lost: {exc}")
+            if upstream is not None:
+                await _abort_quietly(upstream)
+        except Exception:
+            record.finish(Outcome.ABORTED, Reason.INVALID_PDU, "internal error")
+            audit.log.exception(
+                "internal error",
+                extra={
+                    "fields": {"event": "internal-error", "ts": audit._now(), "peer": record.peer}
+                },
+            )
+        finally:
+            pending.release()
+            with trio.CancelScope(shield=True):
+                if upstream is not None:
+                    await _aclose_quietly(upstream)
+                await _aclose_quietly(client)
+            if not record.outcome:
+                record.finish(Outcome.ABORTED, Reason.SHUTDOWN)
+            audit.emit(record)
+
+    async def _handshake(
+        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord
+    ) -> tuple[tls.ByteStream, PeerIdentity]:
+        if li.tls is None:
+            return stream, PeerIdentity()
+        table = self.config.tls[li.tls]
+        tstream = await tls.TlsStream.accept(stream, self.server_contexts[li.tls], table)
+        info = tstream.info()
+        record.tls_version, record.cipher = info.version, info.cipher
+        record.encryption, record.mac = info.encryption, info.mac
+        if info.certificate is not None:
+            d = policy.describe(info.certificate)
+            record.peer_subject, record.peer_sha256 = d["subject"], d["sha256"]
+        for warning in info.warnings:
+            event(
+                "weak-certificate-accepted",
+                logging.WARNING,
+                listener=li.name,
+                peer=record.peer,
+                msg=warning,
+            )
+        if table.verify == "none":
+            event(
+                "insecure",
+                logging.WARNING,
+                listener=li.name,
+                peer=record.peer,
+                msg='peer not authenticated (verify = "none")',
+            )
+        if table.profile == "legacy":
+            event(
+                "insecure",
+                logging.WARNING,
+                listener=li.name,
+                peer=record.peer,
+                msg=f'profile = "legacy": {info.version} {info.cipher}',
+            )
+        return tstream, info.identity
+
+    async def _open_upstream(self, route: Route, record: AssociationRecord) -> tls.ByteStream:
+        timeout = self.config.proxy.connect_timeout
+        with trio.move_on_after(timeout) as scope:
+            try:
+                sock = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+            except OSError as exc:
+                raise Refused(
+                    Reason.UPSTREAM_UNREACHABLE, f"{route.upstream}: {os_error_text(exc)}"
+                ) from None
+            if route.upstream_tls is None:
+                return sock
+            table = self.config.tls[route.upstream_tls]
+            name = table.server_name or route.upstream.host
+            try:
+                return await tls.TlsStream.connect(
+                    sock, self.client_contexts[route.upstream_tls], table, name
+                )
+            except tls.TlsFailure as failure:
+                await _aclose_quietly(sock)
+                detail = f"{route.upstream}: {failure.reason}: {failure}"
+                if failure.certificate is not None:
+                    d = policy.describe(failure.certificate)
+                    detail += f" (upstream certificate {d['subject']}, {d['sha256']})"
+                raise Refused(Reason.UPSTREAM_TLS_FAILED, detail) from None
+            except STREAM_ERRORS as exc:
+                await _aclose_quietly(sock)
+                raise Refused(Reason.UPSTREAM_TLS_FAILED, f"{route.upstream}: {exc}") from None
+        assert scope.cancelled_caught
+        raise Refused(Reason.UPSTREAM_TIMEOUT, f"{route.upstream}: no connection within {timeout}s")
+
+    async def _associate(
+        self,
+        client: tls.ByteStream,
+        upstream: tls.ByteStream,
+        route: Route,
+        rq: pdu.AssociateRequest,
+        record: AssociationRecord,
+    ) -> bool:
+        """Forward the RQ, relay the upstream's answer; True when the association is up (AC)."""
+        raw = rq.raw
+        if route.upstream_called_ae:
+            raw = pdu.rewrite_called_ae(raw, route.upstream_called_ae)
+        timeout = self.config.proxy.associate_timeout
+        answer: bytes | None = None
+        problem = ""
+        with trio.move_on_after(timeout):
+            try:
+                await upstream.send_all(raw)
+                answer, _ = await read_pdu(
+                    upstream, max(self.config.proxy.max_associate_length, 1 << 20), first=False
+                )
+            except STREAM_ERRORS as exc:
+                problem = f"the upstream closed the connection before answering ({exc})"
+            except pdu.PduError as exc:
+                problem = f"the upstream answered with an invalid PDU: {exc}"
+        if answer is None:
+            await _abort_quietly(upstream)
+            raise Refused(
+                Reason.UPSTREAM_NO_ANSWER,
+                problem or f"no answer within associate_timeout ({timeout}s)",
+            )
+        try:
+            parsed = pdu.parse_pdu(answer)
+        except pdu.PduError as exc:
+            await _abort_quietly(upstream)
+            raise Refused(
+                Reason.UPSTREAM_NO_ANSWER, f"the upstream answered with an invalid PDU: {exc}"
+            ) from None
+        if isinstance(parsed, pdu.AssociateAccept):
+            if (
+                route.upstream_called_ae
+            ):  # the client sees the Called AE it asked for, byte for byte
+                answer = answer[:10] + rq.raw[10:26] + answer[26:]
+            await client.send_all(answer)
+            record.bytes_down += len(answer)
+            record.bytes_up += len(raw)
+            return True
+        if isinstance(parsed, pdu.AssociateReject):
+            await client.send_all(answer)
+            record.finish(
+                Outcome.REJECTED,
+                Reason.UPSTREAM_REJECTED,
+                f"upstream rejected: result {parsed.result}, source {parsed.source}, "
+                f"reason {parsed.reason}",
+            )
+            await _graceful_close(client)
+            return False
+        if isinstance(parsed, pdu.Abort):
+            await client.send_all(answer)
+            record.finish(
+                Outcome.ABORTED,
+                Reason.UPSTREAM_ABORTED,
+                f"upstream aborted: source {parsed.source}, reason {parsed.reason}",
+            )
+            return False
+        await _abort_quietly(upstream)
+        raise Refused(
+            Reason.UPSTREAM_NO_ANSWER, f"the upstream answered with {type(parsed).__name__}"
+        )
+
+
+def os_error_text(exc: BaseException) -> str:
+    """The operating system's words ("Connection refused"), also from inside trio's wrapping."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+class _Slot:
+    """A max_pending slot, released exactly once."""
+
+    def __init__(self, sem: trio.Semaphore) -> None:
+        self._sem: trio.Semaphore | None = sem
+
+    def release(self) -> None:
+        if self._sem is not None:
+            self._sem.release()
+            self._sem = None
+
+
+def _parse_request(raw: bytes) -> pdu.AssociateRequest:
+    parsed = pdu.parse_pdu(raw)
+    if not isinstance(parsed, pdu.AssociateRequest):
+        raise pdu.PduError(
+            f"first PDU is {type(parsed).__name__}, not an A-ASSOCIATE-RQ", pdu.UNEXPECTED_PDU
+        )
+    return parsed
+
+
+def _describe_request(record: AssociationRecord, rq: pdu.AssociateRequest) -> None:
+    from pydicom.uid import UID
+
+    record.calling_ae, record.called_ae = rq.calling_ae, rq.called_ae
+    names = []
+    for pc in rq.presentation_contexts:
+        name = UID(pc.abstract_syntax).name
+        if name not in names:
+            names.append(name)
+    record.abstract_syntaxes = names
+
+
+async def read_pdu(stream: tls.ByteStream, limit: int, *, first: bool) -> tuple[bytes, bytes]:
+    """One whole PDU and whatever came after it. With `first`, anything but an RQ is refused
+    as soon as its header is seen (no need to wait for a body we would not accept)."""
+    buf = bytearray()
+    needed: int | None = None
+    while needed is None or len(buf) < needed:
+        data = await stream.receive_some(65536)
+        if not data:
+            if not buf:
+                raise trio.BrokenResourceError("closed before sending a PDU")
+            raise pdu.PduError(
+                f"connection closed after {len(buf)} bytes of a PDU", pdu.INVALID_PARAMETER
+            )
+        buf += data
+        if needed is None and len(buf) >= pdu.HEADER_LENGTH:
+            kind, length = pdu.parse_header(buf)
+            if kind not in pdu.KNOWN_TYPES:
+                raise pdu.PduError(f"unknown PDU type 0x{kind:02x}", pdu.UNRECOGNIZED_PDU)
+            if first and kind != pdu.A_ASSOCIATE_RQ:
+                raise pdu.PduError(
+                    f"first PDU has type 0x{kind:02x}, not an A-ASSOCIATE-RQ", pdu.UNEXPECTED_PDU
+                )
+            if length + pdu.HEADER_LENGTH > limit:
+                raise pdu.PduError(
+                    f"PDU of {length} bytes exceeds the limit of {limit}", pdu.INVALID_PARAMETER
+                )
+            needed = length + pdu.HEADER_LENGTH
+    return bytes(buf[:needed]), bytes(buf[needed:])
+
+
+async def answer_and_close(stream: tls.ByteStream, answer: bytes) -> None:
+    """Send the answer, close_notify, shut the write side, drain what the peer sends, close."""
+    with trio.move_on_after(DRAIN_SECONDS):
+        try:
+            if answer:
+                await stream.send_all(answer)
+            await _graceful_close(stream)
+        except STREAM_ERRORS:
+            pass
+
+
+async def _graceful_close(stream: tls.ByteStream) -> None:
+    transport = stream.transport if isinstance(stream, tls.TlsStream) else stream
+    with trio.move_on_after(DRAIN_SECONDS):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < DRAIN_LIMIT:
+                data = await transport.receive_some(65536)
+                if not data:
+                    break
+                drained += len(data)
+        except STREAM_ERRORS:
+            pass
+
+
+async def _abort_quietly(stream: tls.ByteStream) -> None:
+    with trio.move_on_after(2):
+        try:
+            await stream.send_all(pdu.encode_abort(2, 0))
+        except STREAM_ERRORS:
+            pass
+
+
+async def _aclose_quietly(stream: tls.ByteStream) -> None:
+    try:
+        await stream.aclose()
+    except STREAM_ERRORS:
+        pass
+
+
+def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
+    try:
+        name = stream.socket.getpeername()
+        return str(name[0]), int(name[1])
+    except OSError:
+        return ("0.0.0.0", 0)
+
+
+def _format_address(addr: tuple[str, int] | tuple[str, int, int, int] | object) -> str:
+    if isinstance(addr, tuple):
+        host, port = str(addr[0]), int(addr[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(addr)
+
+
+async def _run(config: Config) -> int:
+    proxy = Proxy(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                event("stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
+def serve_forever(config: Config) -> int:
+    audit.setup_logging(config.proxy.log_format, config.proxy.log_level)
+    for warning in config.warnings:
+        event("config-warning", logging.WARNING, msg=warning)
+    try:
+        return trio.run(_run, config)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            event("start-failed", logging.ERROR, msg=exc.code)
+            return 1
+        raise
