@@ -36,7 +36,7 @@ Where the standard and real peers disagree, the choices are (and tests pin them 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, assert_never
 
@@ -71,6 +71,7 @@ UNEXPECTED_PDU: Final = 2
 INVALID_PARAMETER: Final = 6
 
 # Item types (PS3.8 9.3.2-9.3.3 and Annex D).
+DICOM_APPLICATION_CONTEXT: Final = "1.2.840.10008.3.1.1.1"
 ITEM_APPLICATION_CONTEXT: Final = 0x10
 ITEM_PRESENTATION_CONTEXT_RQ: Final = 0x20
 ITEM_PRESENTATION_CONTEXT_AC: Final = 0x21
@@ -394,25 +395,29 @@ def parse_pdu(data: Buffer) -> Pdu:
     if pdu_type == A_RELEASE_RP:
         return ReleaseReply()
     if pdu_type == P_DATA_TF:
-        _check_pdv_framing(raw)
+        pdv_items(raw)
         return DataTransfer(raw)
     return _parse_association(raw, pdu_type)
 
 
-def _check_pdv_framing(raw: bytes) -> None:
-    """Each PDV item: 4-byte length, then at least context ID and message control header."""
+def pdv_items(raw: bytes) -> list[tuple[int, int, bytes]]:
+    """The PDVs of a whole P-DATA-TF as (context id, message control header, data); each PDV
+    item is a 4-byte length, then at least the context ID and the message control header."""
     pos, end = HEADER_LENGTH, len(raw)
     if pos == end:
         raise PduError("P-DATA-TF carries no PDV item")
+    out: list[tuple[int, int, bytes]] = []
     while pos < end:
         if end - pos < 4:
             raise PduError(f"PDV item header truncated at offset {pos}")
         (length,) = struct.unpack_from(">I", raw, pos)
         if length < 2:
             raise PduError(f"PDV item at offset {pos} has length {length}, less than 2")
-        pos += 4 + length
-        if pos > end:
+        if pos + 4 + length > end:
             raise PduError(f"PDV item length {length} runs past the end of the PDU")
+        out.append((raw[pos + 4], raw[pos + 5], raw[pos + 6 : pos + 4 + length]))
+        pos += 4 + length
+    return out
 
 
 def _items(raw: bytes, pos: int, end: int, where: str) -> Iterator[tuple[int, int, int]]:
@@ -664,6 +669,49 @@ def encode_release_rq() -> bytes:
 def encode_release_rp() -> bytes:
     """An A-RELEASE-RP."""
     return struct.pack(">BxIxxxx", A_RELEASE_RP, 4)
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return _ITEM_HEADER.pack(item_type, len(value)) + value
+
+
+def encode_associate_rq(
+    called_ae: str,
+    calling_ae: str,
+    contexts: Sequence[PresentationContextItem],
+    *,
+    max_pdu_length: int = 16384,
+    implementation_class_uid: str,
+    implementation_version_name: str = "",
+    application_context: str = DICOM_APPLICATION_CONTEXT,
+) -> bytes:
+    """An A-ASSOCIATE-RQ, for the proxy's own probes (`echo`, health checks)."""
+    items = bytearray(_item(ITEM_APPLICATION_CONTEXT, application_context.encode("ascii")))
+    for pc in contexts:
+        sub = _item(ITEM_ABSTRACT_SYNTAX, pc.abstract_syntax.encode("ascii"))
+        for ts in pc.transfer_syntaxes:
+            sub += _item(ITEM_TRANSFER_SYNTAX, ts.encode("ascii"))
+        items += _item(ITEM_PRESENTATION_CONTEXT_RQ, bytes([pc.context_id, 0, 0, 0]) + sub)
+    user = _item(ITEM_MAX_LENGTH, struct.pack(">I", max_pdu_length))
+    user += _item(ITEM_IMPLEMENTATION_CLASS_UID, implementation_class_uid.encode("ascii"))
+    if implementation_version_name:
+        user += _item(ITEM_IMPLEMENTATION_VERSION_NAME, implementation_version_name.encode("ascii"))
+    items += _item(ITEM_USER_INFORMATION, user)
+    body = (
+        struct.pack(">Hxx", 1)
+        + encode_ae_title(called_ae)
+        + encode_ae_title(calling_ae)
+        + bytes(32)
+        + bytes(items)
+    )
+    return _HEADER.pack(A_ASSOCIATE_RQ, len(body)) + body
+
+
+def encode_p_data(context_id: int, payload: bytes, *, command: bool, last: bool = True) -> bytes:
+    """One P-DATA-TF carrying one PDV (PS3.8 9.3.5 and Annex E.2)."""
+    control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
+    pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
+    return _HEADER.pack(P_DATA_TF, len(pdv)) + pdv
 
 
 def rewrite_called_ae(raw: bytes, called_ae: str) -> bytes:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import trio
 
 from dicom_tls_proxy.audit import AssociationRecord
-from dicom_tls_proxy.pdu import BoundaryTracker, PduError, encode_abort
+from dicom_tls_proxy.pdu import BoundaryTracker, PduError
+from dicom_tls_proxy.streams import STREAM_ERRORS, abort_quietly
 from dicom_tls_proxy.tls import ByteStream
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 
 CHUNK = 256 * 1024
-STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 @dataclass
@@ -101,20 +101,5 @@ async def relay(
 
 async def _abort(to: _Side, other: _Side) -> None:
     """A-ABORT (2, 0) to `to`, only where the bytes it received so far end on a PDU boundary."""
-    if to.closed or to.broken or not other.tracker.at_boundary:
-        return
-    with trio.move_on_after(2):
-        try:
-            await to.stream.send_all(encode_abort(2, 0))
-        except STREAM_ERRORS:
-            pass
-
-
-async def abort_all(streams: list[ByteStream]) -> None:
-    """Used outside a relay (before the association is up)."""
-    for s in streams:
-        with trio.move_on_after(2):
-            try:
-                await s.send_all(encode_abort(2, 0))
-            except STREAM_ERRORS:
-                pass
+    if not (to.closed or to.broken) and other.tracker.at_boundary:
+        await abort_quietly(to.stream)

@@ -18,16 +18,24 @@ from dataclasses import dataclass, field
 
 import trio
 from OpenSSL import SSL
+from pydicom.uid import UID
 
 from dicom_tls_proxy import audit, pdu, policy, routing, tls
 from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auth import PeerIdentity, source_allowed
 from dicom_tls_proxy.config import Config, Listener, Route
-from dicom_tls_proxy.relay import STREAM_ERRORS, relay
+from dicom_tls_proxy.relay import relay
+from dicom_tls_proxy.streams import (
+    STREAM_ERRORS,
+    abort_quietly,
+    aclose_quietly,
+    answer_and_close,
+    graceful_close,
+    os_error_text,
+    read_pdu,
+)
 from dicom_tls_proxy.vocabulary import REFUSALS, Abort, Close, Outcome, Reason, Reject
 
-DRAIN_LIMIT = 64 * 1024  # bytes read and discarded after a refusal, before closing
-DRAIN_SECONDS = 2.0
 ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
@@ -81,6 +89,7 @@ class Proxy:
                     self.config.tls[route.upstream_tls]
                 )
         self.pending = trio.Semaphore(self.config.proxy.max_pending)
+        syntax_name("1.2.840.10008.1.1")
 
     # -- listening --------------------------------------------------------------------------
 
@@ -213,7 +222,7 @@ class Proxy:
         except STREAM_ERRORS as exc:
             record.finish(Outcome.ABORTED, Reason.CLIENT_CLOSED, f"connection lost: {exc}")
             if upstream is not None:
-                await _abort_quietly(upstream)
+                await abort_quietly(upstream)
         except Exception:
             record.finish(Outcome.ABORTED, Reason.INVALID_PDU, "internal error")
             audit.log.exception(
@@ -226,8 +235,8 @@ class Proxy:
             pending.release()
             with trio.CancelScope(shield=True):
                 if upstream is not None:
-                    await _aclose_quietly(upstream)
-                await _aclose_quietly(client)
+                    await aclose_quietly(upstream)
+                await aclose_quietly(client)
             if not record.outcome:
                 record.finish(Outcome.ABORTED, Reason.SHUTDOWN)
             audit.emit(record)
@@ -289,14 +298,14 @@ class Proxy:
                     sock, self.client_contexts[route.upstream_tls], table, name
                 )
             except tls.TlsFailure as failure:
-                await _aclose_quietly(sock)
+                await aclose_quietly(sock)
                 detail = f"{route.upstream}: {failure.reason}: {failure}"
                 if failure.certificate is not None:
                     d = policy.describe(failure.certificate)
                     detail += f" (upstream certificate {d['subject']}, {d['sha256']})"
                 raise Refused(Reason.UPSTREAM_TLS_FAILED, detail) from None
             except STREAM_ERRORS as exc:
-                await _aclose_quietly(sock)
+                await aclose_quietly(sock)
                 raise Refused(Reason.UPSTREAM_TLS_FAILED, f"{route.upstream}: {exc}") from None
         assert scope.cancelled_caught
         raise Refused(Reason.UPSTREAM_TIMEOUT, f"{route.upstream}: no connection within {timeout}s")
@@ -327,7 +336,7 @@ class Proxy:
             except pdu.PduError as exc:
                 problem = f"the upstream answered with an invalid PDU: {exc}"
         if answer is None:
-            await _abort_quietly(upstream)
+            await abort_quietly(upstream)
             raise Refused(
                 Reason.UPSTREAM_NO_ANSWER,
                 problem or f"no answer within associate_timeout ({timeout}s)",
@@ -335,7 +344,7 @@ class Proxy:
         try:
             parsed = pdu.parse_pdu(answer)
         except pdu.PduError as exc:
-            await _abort_quietly(upstream)
+            await abort_quietly(upstream)
             raise Refused(
                 Reason.UPSTREAM_NO_ANSWER, f"the upstream answered with an invalid PDU: {exc}"
             ) from None
@@ -356,7 +365,7 @@ class Proxy:
                 f"upstream rejected: result {parsed.result}, source {parsed.source}, "
                 f"reason {parsed.reason}",
             )
-            await _graceful_close(client)
+            await graceful_close(client)
             return False
         if isinstance(parsed, pdu.Abort):
             await client.send_all(answer)
@@ -366,20 +375,10 @@ class Proxy:
                 f"upstream aborted: source {parsed.source}, reason {parsed.reason}",
             )
             return False
-        await _abort_quietly(upstream)
+        await abort_quietly(upstream)
         raise Refused(
             Reason.UPSTREAM_NO_ANSWER, f"the upstream answered with {type(parsed).__name__}"
         )
-
-
-def os_error_text(exc: BaseException) -> str:
-    """The operating system's words ("Connection refused"), also from inside trio's wrapping."""
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        cause = cause.exceptions[0]
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 class _Slot:
@@ -403,87 +402,20 @@ def _parse_request(raw: bytes) -> pdu.AssociateRequest:
     return parsed
 
 
-def _describe_request(record: AssociationRecord, rq: pdu.AssociateRequest) -> None:
-    from pydicom.uid import UID
+def syntax_name(uid: str) -> str:
+    """ "CT Image Storage" for its UID. pydicom loads its dictionary on first use (about 0.25 s):
+    `Proxy` calls this once at start so that the first association does not pay for it."""
+    return str(UID(uid).name)
 
+
+def _describe_request(record: AssociationRecord, rq: pdu.AssociateRequest) -> None:
     record.calling_ae, record.called_ae = rq.calling_ae, rq.called_ae
-    names = []
+    names: list[str] = []
     for pc in rq.presentation_contexts:
-        name = UID(pc.abstract_syntax).name
+        name = syntax_name(pc.abstract_syntax)
         if name not in names:
             names.append(name)
     record.abstract_syntaxes = names
-
-
-async def read_pdu(stream: tls.ByteStream, limit: int, *, first: bool) -> tuple[bytes, bytes]:
-    """One whole PDU and whatever came after it. With `first`, anything but an RQ is refused
-    as soon as its header is seen (no need to wait for a body we would not accept)."""
-    buf = bytearray()
-    needed: int | None = None
-    while needed is None or len(buf) < needed:
-        data = await stream.receive_some(65536)
-        if not data:
-            if not buf:
-                raise trio.BrokenResourceError("closed before sending a PDU")
-            raise pdu.PduError(
-                f"connection closed after {len(buf)} bytes of a PDU", pdu.INVALID_PARAMETER
-            )
-        buf += data
-        if needed is None and len(buf) >= pdu.HEADER_LENGTH:
-            kind, length = pdu.parse_header(buf)
-            if kind not in pdu.KNOWN_TYPES:
-                raise pdu.PduError(f"unknown PDU type 0x{kind:02x}", pdu.UNRECOGNIZED_PDU)
-            if first and kind != pdu.A_ASSOCIATE_RQ:
-                raise pdu.PduError(
-                    f"first PDU has type 0x{kind:02x}, not an A-ASSOCIATE-RQ", pdu.UNEXPECTED_PDU
-                )
-            if length + pdu.HEADER_LENGTH > limit:
-                raise pdu.PduError(
-                    f"PDU of {length} bytes exceeds the limit of {limit}", pdu.INVALID_PARAMETER
-                )
-            needed = length + pdu.HEADER_LENGTH
-    return bytes(buf[:needed]), bytes(buf[needed:])
-
-
-async def answer_and_close(stream: tls.ByteStream, answer: bytes) -> None:
-    """Send the answer, close_notify, shut the write side, drain what the peer sends, close."""
-    with trio.move_on_after(DRAIN_SECONDS):
-        try:
-            if answer:
-                await stream.send_all(answer)
-            await _graceful_close(stream)
-        except STREAM_ERRORS:
-            pass
-
-
-async def _graceful_close(stream: tls.ByteStream) -> None:
-    transport = stream.transport if isinstance(stream, tls.TlsStream) else stream
-    with trio.move_on_after(DRAIN_SECONDS):
-        try:
-            await stream.send_eof()
-            drained = 0
-            while drained < DRAIN_LIMIT:
-                data = await transport.receive_some(65536)
-                if not data:
-                    break
-                drained += len(data)
-        except STREAM_ERRORS:
-            pass
-
-
-async def _abort_quietly(stream: tls.ByteStream) -> None:
-    with trio.move_on_after(2):
-        try:
-            await stream.send_all(pdu.encode_abort(2, 0))
-        except STREAM_ERRORS:
-            pass
-
-
-async def _aclose_quietly(stream: tls.ByteStream) -> None:
-    try:
-        await stream.aclose()
-    except STREAM_ERRORS:
-        pass
 
 
 def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
