@@ -89,9 +89,14 @@ class _Formatter(logging.Formatter):
         return " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
 
 
+def make_formatter(fmt: str) -> logging.Formatter:
+    """The `text` (key=value) or `json` formatter of the proxy's log lines."""
+    return _Formatter(fmt)
+
+
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(fmt))
+    handler.setFormatter(make_formatter(fmt))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import click
 
 from dicom_tls_proxy import __version__
-from dicom_tls_proxy.config import Config, ConfigError, load_config
+from dicom_tls_proxy.config import Config, ConfigError, Profile, load_config
+from dicom_tls_proxy.echo import EchoResult
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -138,3 +139,141 @@ def certs_init(directory: Path) -> None:
     for path in written:
         click.echo(str(path))
     click.echo("Not for production: the CA key lies beside the certificates.", err=True)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--called-ae", required=True, help="The Called AE title of the server.")
+@click.option("--calling-ae", default="ECHOSCU", show_default=True, help="Our AE title.")
+@click.option(
+    "--tls", "use_tls", is_flag=True, help="Use TLS (implied by any --tls-* or --thumbprint)."
+)
+@click.option("--tls-ca", type=click.Path(exists=True, path_type=Path), help="CA file or folder.")
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Our client certificate (PEM chain, or PKCS#12).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Our private key (omit with PKCS#12).",
+)
+@click.option(
+    "--thumbprint",
+    "thumbprints",
+    multiple=True,
+    help="Accept the server's certificate by SHA-256/SHA-1 thumbprint (repeatable).",
+)
+@click.option("--server-name", help="Name expected in the server's certificate (default: HOST).")
+@click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Password for an encrypted key or PKCS#12.",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["bcp195", "tls13", "legacy"]),
+    default="bcp195",
+    show_default=True,
+)
+@click.option("--insecure", is_flag=True, help="TLS without verifying the server (only to look).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds in all.")
+def echo(
+    target: str,
+    called_ae: str,
+    calling_ae: str,
+    use_tls: bool,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    thumbprints: tuple[str, ...],
+    server_name: str | None,
+    password_file: Path | None,
+    profile: str,
+    insecure: bool,
+    timeout: float,
+) -> None:
+    """Send a C-ECHO to HOST:PORT (plaintext, or TLS) and explain the outcome."""
+    import trio
+
+    from dicom_tls_proxy import echo as probe
+    from dicom_tls_proxy.config import parse_endpoint
+    from dicom_tls_proxy.pdu import validate_ae_title
+
+    try:
+        endpoint = parse_endpoint(target)
+        validate_ae_title(called_ae)
+        validate_ae_title(calling_ae)
+    except ValueError as exc:
+        _fail(f"echo: {exc}")
+    tls_wanted = use_tls or insecure or any((tls_ca, tls_cert, tls_key, thumbprints))
+    table = None
+    if tls_wanted:
+        try:
+            password = password_file.read_bytes().rstrip(b"\r\n") if password_file else None
+            table = probe.client_table(
+                tls_ca,
+                tls_cert,
+                tls_key,
+                thumbprints=thumbprints,
+                password=password,
+                profile=cast(Profile, profile),
+                insecure=insecure,
+                server_name=server_name,
+            )
+        except probe.SetupError as exc:
+            _fail(f"echo: {exc}")
+    if table is not None and table.verify == "none":
+        click.echo("warning: --insecure: the server's certificate is shown, not verified", err=True)
+    result = trio.run(
+        lambda: probe.echo(
+            endpoint, called_ae, calling_ae, table, server_name=server_name, timeout=timeout
+        )
+    )
+    click.echo(format_echo(result, endpoint, called_ae, calling_ae))
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILURE)
+
+
+def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae: str) -> str:
+    from dicom_tls_proxy import policy
+
+    lines = []
+    head = f"C-ECHO {calling_ae} -> {called_ae} at {endpoint}"
+    if result.ok:
+        ms = {k: f"{v * 1000:.1f} ms" for k, v in result.timings.items()}
+        steps = ", ".join(
+            f"{k} {ms[k]}" for k in ("connect", "tls", "associate", "echo") if k in ms
+        )
+        lines.append(f"{head}: success (status 0x0000)")
+        lines.append(f"round trip: {ms.get('total', '?')} ({steps})")
+    else:
+        lines.append(f"{head}: FAILED")
+        lines.append(f"cause: {result.cause}")
+        lines.append(f"what to do: {result.advice}")
+    if result.tls is not None:
+        t = result.tls
+        lines.append(f"TLS: {t.version}, {t.cipher} ({t.bits} bits; {t.encryption}, {t.mac})")
+    if result.certificate is not None:
+        d = policy.describe(result.certificate)
+        lines.append("server certificate:")
+        lines += [
+            f"  subject: {d['subject']}",
+            f"  issuer:  {d['issuer']}",
+            f"  valid:   {d['not_before']} to {d['not_after']}",
+            f"  names:   {', '.join(policy.certificate_names(result.certificate)) or '-'}",
+            f"  {d['sha256']}",
+            f"  {d['sha1']}",
+        ]
+    return "\n".join(lines)
+
+
+@main.command()
+def demo() -> None:
+    """Run the whole product once in a temporary folder: PKI, legacy device, proxy, TLS clients."""
+    import trio
+
+    from dicom_tls_proxy.demo import run_demo
+
+    ok = trio.run(run_demo, click.echo)
+    sys.exit(EXIT_OK if ok else EXIT_FAILURE)

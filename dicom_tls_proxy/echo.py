@@ -1,0 +1,399 @@
+"""The C-ECHO probe behind `dicom-tls-proxy echo`: test a DICOM link and say plainly what is wrong.
+
+It goes through the proxy's own TLS layer (the same verify callback and certificate policy as the
+proxy's origination), so a failure is explained with the same reasons the proxy logs, and the
+proxy's PDU codec. Its job is diagnosis: every failure becomes a cause and an advice in words an
+integration engineer can act on. It prints nothing itself; the CLI formats `EchoResult`.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import trio
+from cryptography import x509
+
+from dicom_tls_proxy import certload, pdu, policy
+from dicom_tls_proxy.config import Endpoint, Profile, TlsTable, VerifyMode
+from dicom_tls_proxy.streams import STREAM_ERRORS, aclose_quietly, os_error_text, read_pdu
+from dicom_tls_proxy.thumbprint import parse_thumbprint
+from dicom_tls_proxy.tls import ByteStream, TlsFailure, TlsInfo, TlsStream, client_context
+from dicom_tls_proxy.vocabulary import Reason
+
+VERIFICATION = "1.2.840.10008.1.1"
+TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR LE
+IMPLEMENTATION_CLASS_UID = "2.25.80567781562008035110521856474551951270"
+IMPLEMENTATION_VERSION = "DICOMTLSPROXY"
+TLS_RECORD_TYPES = frozenset({0x14, 0x15, 0x16, 0x17})
+SOURCES = {
+    1: "the called application (service user)",
+    2: "the ACSE service provider",
+    3: "the presentation service provider",
+}
+
+
+@dataclass
+class EchoResult:
+    ok: bool = False
+    cause: str = ""
+    advice: str = ""
+    status: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    tls: TlsInfo | None = None
+    certificate: x509.Certificate | None = None  # the server's, also when verification failed
+
+    def fail(self, cause: str, advice: str) -> EchoResult:
+        self.ok, self.cause, self.advice = False, cause, advice
+        return self
+
+
+class _Recorder(trio.abc.HalfCloseableStream):
+    """Keeps the first bytes the server sent, to recognise TLS spoken to plaintext and back."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.first = b""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if not self.first:
+            self.first = bytes(data[:8])
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class SetupError(ValueError):
+    """A probe option that cannot work; the message names the option."""
+
+
+def client_table(
+    ca: Path | None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    *,
+    thumbprints: Sequence[str] = (),
+    password: bytes | None = None,
+    profile: Profile = "bcp195",
+    insecure: bool = False,
+    server_name: str | None = None,
+) -> TlsTable:
+    """The client-side TLS table a probe verifies the server with (as a route's upstream_tls)."""
+    if not (ca or thumbprints or insecure):
+        raise SetupError(
+            "no way to verify the server: give --tls-ca FILE or --thumbprint T "
+            "(or --insecure to only look at its certificate)"
+        )
+    if key is not None and cert is None:
+        raise SetupError("--tls-key needs --tls-cert")
+    try:
+        pinned = tuple(parse_thumbprint(t) for t in thumbprints)
+    except ValueError as exc:
+        raise SetupError(f"--thumbprint: {exc}") from None
+    try:
+        identity = certload.load_identity(cert, key, password) if cert else None
+        cas = tuple(certload.load_ca(ca)) if ca else ()
+    except certload.CertificateError as exc:
+        option = {"password": "--password-file", "key": "--tls-key"}.get(exc.blame, "--tls-cert")
+        if exc.path is not None and ca is not None and Path(exc.path) == ca:
+            option = "--tls-ca"
+        raise SetupError(f"{option}: {exc}") from None
+    verify: VerifyMode = "none"
+    if ca:
+        verify = "chain+thumbprint" if pinned else "chain"
+    elif pinned:
+        verify = "thumbprint"
+    return TlsTable(
+        name="probe",
+        certificate=cert,
+        private_key=key,
+        ca=ca,
+        crl=(),
+        verify=verify,
+        peer_certificate="required",
+        accepted_thumbprints=pinned,
+        allow_weak_peer_certificates=False,
+        profile=profile,
+        ciphers="",
+        tls13_ciphersuites="",
+        server_name=server_name or "",
+        identity=identity,
+        ca_certificates=cas,
+    )
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def c_echo_rq(message_id: int = 1) -> bytes:
+    """The C-ECHO-RQ command set, implicit VR little endian (PS3.7 9.3.5)."""
+    body = (
+        _element(0x00000002, VERIFICATION.encode())
+        + _element(0x00000100, struct.pack("<H", 0x0030))
+        + _element(0x00000110, struct.pack("<H", message_id))
+        + _element(0x00000800, struct.pack("<H", 0x0101))
+    )
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def command_fields(data: bytes) -> dict[int, bytes]:
+    """The elements of a command set (implicit VR LE); raises PduError when it does not parse."""
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, pos)
+        if pos + 8 + length > len(data):
+            raise pdu.PduError(f"command element ({group:04x},{element:04x}) is truncated")
+        out[(group << 16) | element] = data[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+    return out
+
+
+def describe_reject(rj: pdu.AssociateReject) -> str:
+    kind = {1: "permanently", 2: "transiently"}.get(rj.result, f"(result {rj.result})")
+    why = pdu.REJECT_REASONS.get(rj.source, {}).get(rj.reason, f"reason {rj.reason}")
+    source = SOURCES.get(rj.source, f"source {rj.source}")
+    return (
+        f"association rejected {kind} by {source}: {why} "
+        f"(result {rj.result}, source {rj.source}, reason {rj.reason})"
+    )
+
+
+def _tls_advice(failure: TlsFailure, table: TlsTable, server_name: str) -> tuple[str, str]:
+    cert = failure.certificate
+    d = policy.describe(cert) if cert is not None else {}
+    seen = f"{d.get('sha256', '?')}" if d else "no certificate"
+    reason = failure.reason
+    if reason == Reason.TLS_UNTRUSTED:
+        return (
+            f"the server's certificate is not signed by a CA you trust ({failure})",
+            f"add the CA that issued it (issuer: {d.get('issuer', '?')}) with --tls-ca, "
+            f"or pin the certificate itself with --thumbprint {seen}",
+        )
+    if reason == Reason.TLS_THUMBPRINT_MISMATCH:
+        expected = ", ".join(str(t) for t in table.accepted_thumbprints)
+        return (
+            f"thumbprint mismatch: expected {expected}, the server presented {seen}",
+            "check that you are talking to the right server; if its certificate was replaced, "
+            "pin the new thumbprint",
+        )
+    if reason == Reason.TLS_NAME_MISMATCH:
+        names = ", ".join(policy.certificate_names(cert)) if cert is not None else "none"
+        return (
+            f"hostname mismatch: the certificate is not for {server_name} (it is for: {names})",
+            "connect by one of those names, or give the expected one with --server-name",
+        )
+    if reason in (Reason.TLS_EXPIRED, Reason.TLS_NOT_YET_VALID):
+        return (
+            f"the server's certificate is not valid now: {failure} "
+            f"(valid {d.get('not_before', '?')} to {d.get('not_after', '?')})",
+            "renew the server's certificate (or check this machine's clock)",
+        )
+    if reason == Reason.TLS_NO_CERTIFICATE or "alert" in str(failure):
+        return (
+            f"the server refused the TLS handshake: {failure}",
+            "the server may require a client certificate (--tls-cert/--tls-key) signed by a CA it "
+            "trusts, or a TLS version or cipher this client does not offer",
+        )
+    return (f"TLS failed: {reason}: {failure}", "check the TLS settings of both sides")
+
+
+async def echo(
+    target: Endpoint,
+    called_ae: str,
+    calling_ae: str,
+    table: TlsTable | None,
+    *,
+    server_name: str | None = None,
+    timeout: float = 10.0,
+) -> EchoResult:
+    result = EchoResult()
+    start = time.perf_counter()
+    stream: ByteStream | None = None
+    where = str(target)
+    try:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                sock = await trio.open_tcp_stream(target.host, target.port)
+            except OSError as exc:
+                text = os_error_text(exc)
+                if "refused" in text.lower():
+                    return result.fail(
+                        f"connection refused: nothing listens on {where}",
+                        "check the host and port, and that the service is running",
+                    )
+                return result.fail(
+                    f"cannot connect to {where}: {text}", "check the address and network"
+                )
+            result.timings["connect"] = time.perf_counter() - start
+            recorder = _Recorder(sock)
+            stream = cast(ByteStream, recorder)
+            if table is not None:
+                name = server_name or table.server_name or target.host
+                mark = time.perf_counter()
+                try:
+                    tstream = await TlsStream.connect(
+                        cast(trio.SocketStream, recorder), client_context(table), table, name
+                    )
+                except TlsFailure as failure:
+                    result.certificate = failure.certificate
+                    if recorder.first and recorder.first[0] not in TLS_RECORD_TYPES:
+                        return result.fail(
+                            f"{where} does not speak TLS: it answered with plaintext "
+                            f"(first bytes {recorder.first.hex(' ')})",
+                            "this looks like a plaintext DICOM port: drop the --tls/--thumbprint "
+                            "options, or use the TLS port (2762 by convention)",
+                        )
+                    return result.fail(*_tls_advice(failure, table, name))
+                except STREAM_ERRORS as exc:
+                    return result.fail(
+                        f"{where} closed the connection during the TLS handshake ({exc})",
+                        "the port may not speak TLS (try without the TLS options), or the "
+                        "server refused this client",
+                    )
+                stream = tstream
+                result.tls = tstream.info()
+                result.certificate = result.tls.certificate
+                result.timings["tls"] = time.perf_counter() - mark
+            await _associate_and_echo(stream, recorder, called_ae, calling_ae, result, where)
+        if scope.cancelled_caught:
+            step = (
+                "TLS handshake" if table is not None and "tls" not in result.timings else "answer"
+            )
+            return result.fail(
+                f"timeout: no {step} from {where} within {timeout:g}s",
+                "a firewall may drop the packets, the host may be down, or the port may expect "
+                "the other protocol (TLS or plaintext)",
+            )
+    finally:
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await aclose_quietly(stream)
+    result.timings["total"] = time.perf_counter() - start
+    return result
+
+
+async def _associate_and_echo(
+    stream: ByteStream,
+    recorder: _Recorder,
+    called_ae: str,
+    calling_ae: str,
+    result: EchoResult,
+    where: str,
+) -> None:
+    mark = time.perf_counter()
+    context = pdu.PresentationContextItem(1, VERIFICATION, TRANSFER_SYNTAXES)
+    rq = pdu.encode_associate_rq(
+        called_ae,
+        calling_ae,
+        [context],
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION,
+    )
+    try:
+        await stream.send_all(rq)
+        raw, _ = await read_pdu(stream, 1 << 20, first=False)
+    except (pdu.PduError, *STREAM_ERRORS) as exc:
+        if recorder.first and recorder.first[0] in (0x15, 0x16) and result.tls is None:
+            result.fail(
+                f"{where} speaks TLS, and this probe spoke plaintext",
+                "add --tls-ca FILE (or --thumbprint T) to connect over TLS",
+            )
+            return
+        text = str(exc)
+        if result.tls is not None and "alert" in text:
+            result.fail(
+                f"{where} ended the TLS session after the handshake: {text}",
+                "the server requires a client certificate it trusts: give --tls-cert and "
+                "--tls-key (signed by a CA the server trusts, or pinned there by thumbprint)",
+            )
+        elif result.tls is None and not recorder.first:
+            result.fail(
+                f"{where} closed the connection without answering the A-ASSOCIATE-RQ",
+                "if this port speaks TLS, add --tls-ca FILE (or --thumbprint T); otherwise see "
+                "the server's log (it may refuse this source address)",
+            )
+        else:
+            result.fail(
+                f"{where} did not answer the A-ASSOCIATE-RQ properly: {text}",
+                "is this a DICOM port?",
+            )
+        return
+    answer = pdu.parse_pdu(raw)
+    if isinstance(answer, pdu.AssociateReject):
+        result.fail(describe_reject(answer), _reject_advice(answer, called_ae, calling_ae))
+        return
+    if isinstance(answer, pdu.Abort):
+        why = pdu.ABORT_REASONS.get(answer.source, {}).get(answer.reason, f"reason {answer.reason}")
+        result.fail(f"the server aborted the association: {why}", "see the server's log")
+        return
+    if not isinstance(answer, pdu.AssociateAccept):
+        result.fail(f"unexpected answer {pdu.describe(answer)}", "is this a DICOM port?")
+        return
+    accepted = [pc for pc in answer.presentation_contexts if pc.result == 0 and pc.transfer_syntax]
+    result.timings["associate"] = time.perf_counter() - mark
+    if not accepted:
+        result.fail(
+            "the server accepted the association but not the Verification service",
+            "enable C-ECHO (Verification SOP Class) on the server",
+        )
+        await _release(stream)
+        return
+    mark = time.perf_counter()
+    await stream.send_all(pdu.encode_p_data(accepted[0].context_id, c_echo_rq(), command=True))
+    raw, _ = await read_pdu(stream, 1 << 20, first=False)
+    response = pdu.parse_pdu(raw)
+    if not isinstance(response, pdu.DataTransfer):
+        result.fail(
+            f"the server answered the C-ECHO with {pdu.describe(response)}", "see the server's log"
+        )
+        return
+    values = pdu.pdv_items(raw)
+    fields = command_fields(b"".join(v[2] for v in values))
+    status_raw = fields.get(0x00000900, b"")
+    result.status = struct.unpack("<H", status_raw[:2])[0] if len(status_raw) >= 2 else None
+    result.timings["echo"] = time.perf_counter() - mark
+    await _release(stream)
+    if result.status == 0:
+        result.ok = True
+    else:
+        result.fail(f"C-ECHO answered with status {result.status!r}", "see the server's log")
+
+
+async def _release(stream: ByteStream) -> None:
+    with trio.move_on_after(5):
+        try:
+            await stream.send_all(pdu.encode_release_rq())
+            await read_pdu(stream, 1 << 16, first=False)
+        except (pdu.PduError, *STREAM_ERRORS):
+            pass
+
+
+def _reject_advice(rj: pdu.AssociateReject, called_ae: str, calling_ae: str) -> str:
+    if rj.source == 1 and rj.reason == 7:
+        return f"the server has no service called {called_ae!r}: check --called-ae"
+    if rj.source == 1 and rj.reason == 3:
+        return f"the server does not accept Calling AE {calling_ae!r}: check --calling-ae"
+    if rj.source == 1:
+        return "the server refused this client (certificate, source address or rules): see its log"
+    if rj.source == 3:
+        return "the server or the device behind it is busy or unreachable: try again, see its log"
+    return "see the server's log"
