@@ -71,9 +71,10 @@ def _text_value(value: Any) -> str:
 
 
 class _Formatter(logging.Formatter):
-    def __init__(self, fmt: str) -> None:
+    def __init__(self, fmt: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.json = fmt == "json"
+        self.extra = extra or {}
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", None) or {
@@ -81,7 +82,7 @@ class _Formatter(logging.Formatter):
             "event": getattr(record, "event", "message"),
             "msg": record.getMessage(),
         }
-        fields = {"ts": fields["ts"], "level": record.levelname.lower(), **fields}
+        fields = {"ts": fields["ts"], "level": record.levelname.lower(), **self.extra, **fields}
         if record.exc_info:
             fields["traceback"] = self.formatException(record.exc_info)
         if self.json:
@@ -89,14 +90,15 @@ class _Formatter(logging.Formatter):
         return " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
 
 
-def make_formatter(fmt: str) -> logging.Formatter:
-    """The `text` (key=value) or `json` formatter of the proxy's log lines."""
-    return _Formatter(fmt)
+def make_formatter(fmt: str, **extra: Any) -> logging.Formatter:
+    """The `text` (key=value) or `json` formatter of the proxy's log lines; `extra` fields
+    (such as the worker number) go on every line."""
+    return _Formatter(fmt, extra)
 
 
-def setup_logging(fmt: str = "text", level: str = "info") -> None:
+def setup_logging(fmt: str = "text", level: str = "info", *, worker: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(make_formatter(fmt))
+    handler.setFormatter(make_formatter(fmt, **({} if worker is None else {"worker": worker})))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False

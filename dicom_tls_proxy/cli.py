@@ -88,9 +88,25 @@ def check(config_path: Path) -> None:
 def run(config_path: Path) -> None:
     """Run the proxy in the foreground; logs go to stderr; SIGINT/SIGTERM stop it."""
     config = _load(config_path)
+    if config.proxy.workers > 1:
+        from dicom_tls_proxy.supervisor import run_supervisor
+
+        sys.exit(run_supervisor(config))
     from dicom_tls_proxy.server import serve_forever
 
     sys.exit(serve_forever(config))
+
+
+@main.command(hidden=True)
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(path_type=Path))
+@click.option("--index", type=int, required=True)
+@click.option("--listen", required=True, help="NAME=FD,... sockets bound by the supervisor")
+def worker(config_path: Path, index: int, listen: str) -> None:
+    """One worker process of `run` with `workers = N` (started by the supervisor)."""
+    config = _load(config_path)
+    from dicom_tls_proxy.server import serve_forever
+
+    sys.exit(serve_forever(config, listen=listen, worker=index))
 
 
 @main.command()

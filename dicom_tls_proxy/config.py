@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -93,6 +93,7 @@ class ProxySettings:
     max_associate_length: int = 65536
     log_format: str = "text"
     log_level: str = "info"
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,15 @@ def _at_least(minimum: int) -> Callable[[int], int]:
     return check
 
 
+def _between(low: int, high: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return check
+
+
 def _one_of(*choices: str) -> Callable[[str], str]:
     def check(value: str) -> str:
         if value not in choices:
@@ -344,17 +354,7 @@ def _ae_glob(text: str) -> str:
     return text.strip()
 
 
-_PROXY_KEYS = {
-    "handshake_timeout",
-    "connect_timeout",
-    "associate_timeout",
-    "idle_timeout",
-    "max_connections",
-    "max_pending",
-    "max_associate_length",
-    "log_format",
-    "log_level",
-}
+_PROXY_KEYS = {f.name for f in fields(ProxySettings)}  # the dataclass is the schema
 _TLS_KEYS = {
     "certificate",
     "private_key",
@@ -456,6 +456,7 @@ def _proxy(r: _Reader, d: dict[str, Any]) -> ProxySettings:
         ),
         log_format=r.value(d, k, "log_format", str, base.log_format, _one_of(*LOG_FORMATS)),
         log_level=r.value(d, k, "log_level", str, base.log_level, _one_of(*LOG_LEVELS)),
+        workers=r.value(d, k, "workers", int, base.workers, _between(1, 64)),
     )
     return settings
 

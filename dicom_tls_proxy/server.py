@@ -13,7 +13,7 @@ import errno
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable
+import socket as stdlib_socket
 from dataclasses import dataclass, field
 
 import trio
@@ -77,7 +77,7 @@ class Proxy:
     server_contexts: dict[str, SSL.Context] = field(default_factory=dict)
     client_contexts: dict[str, SSL.Context] = field(default_factory=dict)
     active: int = 0
-    on_bound: Callable[[str, str], None] | None = None
+    share: int = 1  # workers sharing the limits: each takes max_connections / share
 
     def __post_init__(self) -> None:
         for li in self.config.listeners:
@@ -88,34 +88,27 @@ class Proxy:
                 self.client_contexts[route.upstream_tls] = tls.client_context(
                     self.config.tls[route.upstream_tls]
                 )
-        self.pending = trio.Semaphore(self.config.proxy.max_pending)
+        self.max_connections = max(1, self.config.proxy.max_connections // self.share)
+        self.pending = trio.Semaphore(max(1, self.config.proxy.max_pending // self.share))
         syntax_name("1.2.840.10008.1.1")
 
     # -- listening --------------------------------------------------------------------------
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+        self,
+        bound: list[tuple[Listener, trio.SocketListener]] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        bound: list[tuple[Listener, trio.SocketListener]] = []
-        for li in self.config.listeners:
-            host = None if li.bind.host in ("", "*") else li.bind.host
-            try:
-                listeners = await trio.open_tcp_listeners(li.bind.port, host=host, backlog=1024)
-            except OSError as exc:
-                raise SystemExit(
-                    f"{self.config.path}: {li.key_path}.bind: cannot listen on {li.bind}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-            for sl in listeners:
-                bound.append((li, sl))
+        """Accept on every listener; `bound` are sockets a supervisor bound for this worker."""
+        if bound is None:
+            bound = await bind_listeners(self.config)
         addresses = []
         for li, sl in bound:
             address = _format_address(sl.socket.getsockname())
             addresses.append(address)
             kind = f"tls:{li.tls}" if li.tls else "plaintext"
             event("listening", listener=li.name, address=address, kind=kind)
-            if self.on_bound:
-                self.on_bound(li.name, address)
         for name, table in self.config.tls.items():
             if table.verify == "none":
                 event(
@@ -190,7 +183,7 @@ class Proxy:
                 raise Refused(decision.reason, decision.detail)
             route = decision.route
             record.route, record.upstream = route.name, str(route.upstream)
-            if self.active >= self.config.proxy.max_connections:
+            if self.active >= self.max_connections:
                 raise Refused(Reason.TOO_MANY_ASSOCIATIONS, f"{self.active} associations relayed")
             self.active += 1
             try:
@@ -381,6 +374,41 @@ class Proxy:
         )
 
 
+class StartError(Exception):
+    """The proxy cannot start (a port in use, a bad address); the message says which key."""
+
+
+async def bind_listeners(config: Config) -> list[tuple[Listener, trio.SocketListener]]:
+    """Bind every listener once. A port already in use is an error, never shared silently."""
+    bound: list[tuple[Listener, trio.SocketListener]] = []
+    try:
+        for li in config.listeners:
+            host = None if li.bind.host in ("", "*") else li.bind.host
+            try:
+                listeners = await trio.open_tcp_listeners(li.bind.port, host=host, backlog=1024)
+            except OSError as exc:
+                raise StartError(
+                    f"{config.path}: {li.key_path}.bind: cannot listen on {li.bind}: "
+                    f"{os_error_text(exc)}"
+                ) from None
+            bound.extend((li, sl) for sl in listeners)
+    except BaseException:
+        for _, sl in bound:
+            sl.socket.close()
+        raise
+    return bound
+
+
+def listeners_from_fds(config: Config, spec: str) -> list[tuple[Listener, trio.SocketListener]]:
+    """Sockets a supervisor bound and passed down, as `NAME=FD,NAME=FD`."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, fd = item.partition("=")
+        sock = trio.socket.from_stdlib_socket(stdlib_socket.socket(fileno=int(fd)))
+        out.append((config.listener(name), trio.SocketListener(sock)))
+    return out
+
+
 class _Slot:
     """A max_pending slot, released exactly once."""
 
@@ -433,10 +461,12 @@ def _format_address(addr: tuple[str, int] | tuple[str, int, int, int] | object) 
     return str(addr)
 
 
-async def _run(config: Config) -> int:
-    proxy = Proxy(config)
+async def _run(config: Config, listen: str | None, share: int) -> int:
+    proxy = Proxy(config, share=share)
+    # Bound before any nursery opens, so that a port in use is a plain StartError.
+    bound = listeners_from_fds(config, listen) if listen else await bind_listeners(config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve)
+        await nursery.start(proxy.serve, bound)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 event("stopping", signal=signal.Signals(signum).name)
@@ -445,14 +475,14 @@ async def _run(config: Config) -> int:
     return 0
 
 
-def serve_forever(config: Config) -> int:
-    audit.setup_logging(config.proxy.log_format, config.proxy.log_level)
-    for warning in config.warnings:
-        event("config-warning", logging.WARNING, msg=warning)
+def serve_forever(config: Config, *, listen: str | None = None, worker: int | None = None) -> int:
+    """Run one proxy process: the only one, or worker `worker` on sockets passed as `listen`."""
+    audit.setup_logging(config.proxy.log_format, config.proxy.log_level, worker=worker)
+    if worker is None:
+        for warning in config.warnings:
+            event("config-warning", logging.WARNING, msg=warning)
     try:
-        return trio.run(_run, config)
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            event("start-failed", logging.ERROR, msg=exc.code)
-            return 1
-        raise
+        return trio.run(_run, config, listen, config.proxy.workers if worker is not None else 1)
+    except StartError as exc:
+        event("start-failed", logging.ERROR, msg=str(exc))
+        return 1
