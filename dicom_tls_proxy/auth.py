@@ -110,3 +110,18 @@ def calling_ae_allowed(patterns: Iterable[str], calling_ae: str) -> bool:
     """Empty list: any Calling AE. Globs (`*`, `?`) are case-sensitive, as AE titles are."""
     patterns = tuple(patterns)
     return not patterns or any(fnmatch.fnmatchcase(calling_ae, p) for p in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class PlaintextSender:
+    """One `allow_plaintext_from` entry: a legacy sender let through a TLS port while migrating."""
+
+    calling_ae: str
+    source: IPNetwork
+
+
+def plaintext_allowed(
+    senders: Iterable[PlaintextSender], calling_ae: str, source: IPAddress
+) -> bool:
+    """Both must match: an AE title alone is an unauthenticated string anyone can type."""
+    return any(s.calling_ae == calling_ae and source_allowed((s.source,), source) for s in senders)

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, cast
 from cryptography import x509
 
 from dicom_tls_proxy import certload
-from dicom_tls_proxy.auth import IPNetwork, PeerMatcher, parse_peer_matcher
+from dicom_tls_proxy.auth import IPNetwork, PeerMatcher, PlaintextSender, parse_peer_matcher
 from dicom_tls_proxy.pdu import validate_ae_title
 from dicom_tls_proxy.thumbprint import Thumbprint, parse_thumbprint
 
@@ -137,6 +137,7 @@ class Listener:
     bind: Endpoint
     tls: str | None
     allow_source: tuple[IPNetwork, ...]
+    allow_plaintext_from: tuple[PlaintextSender, ...] = ()
 
     @property
     def key_path(self) -> str:
@@ -371,7 +372,7 @@ _TLS_KEYS = {
     "tls13_ciphersuites",
     "server_name",
 }
-_LISTENER_KEYS = {"name", "bind", "tls", "allow_source"}
+_LISTENER_KEYS = {"name", "bind", "tls", "allow_source", "allow_plaintext_from"}
 _ROUTE_KEYS = {
     "name",
     "called_ae",
@@ -625,6 +626,9 @@ def _listeners(
                     f"{key}.tls", f"[tls.{tls}] has no certificate and private_key to serve with"
                 )
         allow_source = r.string_list(d, key, "allow_source", _network)
+        plaintext = _plaintext_senders(r, d, key)
+        if plaintext and tls is None:
+            r.error(f"{key}.allow_plaintext_from", "only a TLS listener can let plaintext through")
         if name and name in seen:
             r.error(
                 f"{key}.name", f"duplicate listener name {name!r} (also listener[{seen[name]}])"
@@ -632,8 +636,29 @@ def _listeners(
         elif name:
             seen[name] = i
         if name and bind is not None:
-            out.append(Listener(i, name, bind, tls, allow_source))
+            out.append(Listener(i, name, bind, tls, allow_source, plaintext))
     return out
+
+
+def _plaintext_senders(r: _Reader, d: dict[str, Any], key: str) -> tuple[PlaintextSender, ...]:
+    raw = d.get("allow_plaintext_from", [])
+    full = f"{key}.allow_plaintext_from"
+    if not isinstance(raw, list):
+        r.error(full, "expected a list of {calling_ae = ..., source = ...} tables")
+        return ()
+    out = []
+    for j, item in enumerate(raw):
+        sub = f"{full}[{j}]"
+        entry = r.table(item, sub)
+        r.unknown(entry, sub, {"calling_ae", "source"})
+        for required in ("calling_ae", "source"):
+            if required not in entry:
+                r.error(f"{sub}.{required}", "missing (both are needed)")
+        ae = r.value(entry, sub, "calling_ae", str, "", validate_ae_title)
+        net = r.value(entry, sub, "source", str, None, _network)
+        if ae and net is not None:
+            out.append(PlaintextSender(ae, net))
+    return tuple(out)
 
 
 def _routes(

@@ -22,7 +22,7 @@ from pydicom.uid import UID
 
 from dicom_tls_proxy import audit, pdu, policy, routing, tls
 from dicom_tls_proxy.audit import AssociationRecord, event
-from dicom_tls_proxy.auth import PeerIdentity, source_allowed
+from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
 from dicom_tls_proxy.config import Config, Listener, Route
 from dicom_tls_proxy.relay import relay
 from dicom_tls_proxy.streams import (
@@ -37,6 +37,10 @@ from dicom_tls_proxy.streams import (
 from dicom_tls_proxy.vocabulary import REFUSALS, Abort, Close, Outcome, Reason, Reject
 
 ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+FIRST_READ = 65536
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
 
 
 class Refused(Exception):
@@ -165,17 +169,12 @@ class Proxy:
                     before_tls=True,
                 )
             with trio.move_on_after(self.config.proxy.handshake_timeout) as scope:
-                client, identity = await self._handshake(li, stream, record)
-                raw, extra = await read_pdu(
-                    client, self.config.proxy.max_associate_length, first=True
-                )
+                client, identity, rq, extra = await self._first_pdu(li, stream, record, source)
             if scope.cancelled_caught:
                 raise Refused(
                     Reason.HANDSHAKE_TIMEOUT, "no complete A-ASSOCIATE-RQ within handshake_timeout"
                 )
             pending.release()
-            rq = _parse_request(raw)
-            _describe_request(record, rq)
             decision = routing.decide(self.config, li, identity, source, rq)
             if isinstance(decision, routing.Refusal):
                 if decision.route:
@@ -234,13 +233,60 @@ class Proxy:
                 record.finish(Outcome.ABORTED, Reason.SHUTDOWN)
             audit.emit(record)
 
-    async def _handshake(
-        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord
-    ) -> tuple[tls.ByteStream, PeerIdentity]:
+    async def _first_pdu(
+        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord, source: IPAddress
+    ) -> tuple[tls.ByteStream, PeerIdentity, pdu.AssociateRequest, bytes]:
+        """TLS if the listener has it, then the A-ASSOCIATE-RQ. The first bytes tell the protocol:
+        a TLS record starts with 0x16, an A-ASSOCIATE-RQ with 0x01."""
+        limit = self.config.proxy.max_associate_length
+        first = await stream.receive_some(FIRST_READ)
+        if not first:
+            raise trio.BrokenResourceError("closed before sending anything")
+        if li.tls is None and first[0] == TLS_HANDSHAKE:
+            raise Refused(
+                Reason.TLS_ON_PLAINTEXT,
+                f"TLS handshake received on plaintext listener {li.name}: the peer expects TLS",
+                before_tls=True,
+            )
+        if li.tls is not None and first[0] == pdu.A_ASSOCIATE_RQ:
+            raw, extra = await read_pdu(stream, limit, first=True, initial=bytes(first))
+            rq = _parse_request(raw)
+            _describe_request(record, rq)
+            if not plaintext_allowed(li.allow_plaintext_from, rq.calling_ae, source):
+                raise Refused(
+                    Reason.PLAINTEXT_ON_TLS,
+                    f"plaintext DICOM received on TLS listener {li.name} from Calling AE "
+                    f"{rq.calling_ae!r} at {source}",
+                )
+            event(
+                "plaintext-allowed",
+                logging.WARNING,
+                listener=li.name,
+                peer=record.peer,
+                calling_ae=rq.calling_ae,
+                msg="plaintext DICOM on a TLS listener, let through by allow_plaintext_from",
+            )
+            record.tls_version = "none (allow_plaintext_from)"
+            return stream, PeerIdentity(), rq, extra
         if li.tls is None:
-            return stream, PeerIdentity()
+            client: tls.ByteStream = stream
+            identity = PeerIdentity()
+        else:
+            client, identity = await self._handshake(li, stream, record, bytes(first))
+            first = b""
+        raw, extra = await read_pdu(client, limit, first=True, initial=bytes(first))
+        rq = _parse_request(raw)
+        _describe_request(record, rq)
+        return client, identity, rq, extra
+
+    async def _handshake(
+        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord, initial: bytes
+    ) -> tuple[tls.TlsStream, PeerIdentity]:
+        assert li.tls is not None
         table = self.config.tls[li.tls]
-        tstream = await tls.TlsStream.accept(stream, self.server_contexts[li.tls], table)
+        tstream = await tls.TlsStream.accept(
+            stream, self.server_contexts[li.tls], table, initial=initial
+        )
         info = tstream.info()
         record.tls_version, record.cipher = info.version, info.cipher
         record.encryption, record.mac = info.encryption, info.mac

@@ -26,13 +26,17 @@ def os_error_text(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
-async def read_pdu(stream: ByteStream, limit: int, *, first: bool) -> tuple[bytes, bytes]:
-    """One whole PDU and whatever came after it. With `first`, anything but an RQ is refused
-    as soon as its header is seen (no need to wait for a body we would not accept)."""
+async def read_pdu(
+    stream: ByteStream, limit: int, *, first: bool, initial: bytes = b""
+) -> tuple[bytes, bytes]:
+    """One whole PDU and whatever came after it; `initial` is what the caller already read.
+    With `first`, anything but an RQ is refused as soon as its header is seen (no need to wait
+    for a body we would not accept)."""
     buf = bytearray()
     needed: int | None = None
+    pending = initial
     while needed is None or len(buf) < needed:
-        data = await stream.receive_some(65536)
+        data, pending = (pending, b"") if pending else (await stream.receive_some(65536), b"")
         if not data:
             if not buf:
                 raise trio.BrokenResourceError("closed before sending a PDU")

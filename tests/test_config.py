@@ -174,6 +174,17 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "route[0].allow_calling_ae: expected a list",
     ),
     ("upstream missing", _set("route.0.upstream", None), "route[0].upstream: missing"),
+    ("zero workers", _set("proxy.workers", 0), "proxy.workers: must be between 1 and 64, got 0"),
+    (
+        "plaintext exception on a plaintext listener",
+        _set("listener.1.allow_plaintext_from", [{"calling_ae": "US", "source": "10.0.0.1/32"}]),
+        "listener[1].allow_plaintext_from: only a TLS listener",
+    ),
+    (
+        "plaintext exception without source",
+        _set("listener.0.allow_plaintext_from", [{"calling_ae": "US"}]),
+        "listener[0].allow_plaintext_from[0].source: missing",
+    ),
     (
         "listener table not array",
         _set("listener", {"name": "x"}),
