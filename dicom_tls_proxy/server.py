@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import signal
 import socket as stdlib_socket
+from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
@@ -82,6 +83,7 @@ class Proxy:
     client_contexts: dict[str, SSL.Context] = field(default_factory=dict)
     active: int = 0
     share: int = 1  # workers sharing the limits: each takes max_connections / share
+    per_ip: Counter[str] = field(default_factory=Counter)  # pending and relayed, by source
 
     def __post_init__(self) -> None:
         for li in self.config.listeners:
@@ -129,6 +131,7 @@ class Proxy:
                     msg='profile = "legacy": TLS 1.0/1.1 and CBC suites allowed',
                 )
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_suppressed_lines)
             for li, sl in bound:
                 nursery.start_soon(self._accept_loop, li, sl, nursery)
             task_status.started(addresses)
@@ -160,8 +163,16 @@ class Proxy:
         pending = _Slot(self.pending)
         client: tls.ByteStream = stream
         upstream: tls.ByteStream | None = None
+        self.per_ip[peer[0]] += 1
         try:
             source = ipaddress.ip_address(peer[0].split("%")[0])
+            per_ip_limit = self.config.proxy.max_connections_per_ip
+            if per_ip_limit and self.per_ip[peer[0]] > per_ip_limit:
+                raise Refused(
+                    Reason.TOO_MANY_ASSOCIATIONS,
+                    f"{source} already has {per_ip_limit} connections (max_connections_per_ip)",
+                    before_tls=True,
+                )
             if not source_allowed(li.allow_source, source):
                 raise Refused(
                     Reason.SOURCE_NOT_ALLOWED,
@@ -169,7 +180,14 @@ class Proxy:
                     before_tls=True,
                 )
             with trio.move_on_after(self.config.proxy.handshake_timeout) as scope:
-                client, identity, rq, extra = await self._first_pdu(li, stream, record, source)
+                client, identity, initial = await self._secure(li, stream, record)
+                raw, extra = await read_pdu(
+                    client, self.config.proxy.max_associate_length, first=True, initial=initial
+                )
+                rq = _parse_request(raw)
+                _describe_request(record, rq)
+                if li.tls is not None and client is stream:
+                    self._plaintext_on_tls(li, rq, source, record)
             if scope.cancelled_caught:
                 raise Refused(
                     Reason.HANDSHAKE_TIMEOUT, "no complete A-ASSOCIATE-RQ within handshake_timeout"
@@ -231,53 +249,52 @@ class Proxy:
                 await aclose_quietly(client)
             if not record.outcome:
                 record.finish(Outcome.ABORTED, Reason.SHUTDOWN)
+            self.per_ip[peer[0]] -= 1
+            if not self.per_ip[peer[0]]:
+                del self.per_ip[peer[0]]
             audit.emit(record)
 
-    async def _first_pdu(
-        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord, source: IPAddress
-    ) -> tuple[tls.ByteStream, PeerIdentity, pdu.AssociateRequest, bytes]:
-        """TLS if the listener has it, then the A-ASSOCIATE-RQ. The first bytes tell the protocol:
-        a TLS record starts with 0x16, an A-ASSOCIATE-RQ with 0x01."""
-        limit = self.config.proxy.max_associate_length
-        first = await stream.receive_some(FIRST_READ)
+    async def _secure(
+        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord
+    ) -> tuple[tls.ByteStream, PeerIdentity, bytes]:
+        """TLS if the listener has it; returns the stream to talk DICOM on, the peer, and bytes
+        already read. The first byte tells the protocol: TLS starts with 0x16, an A-ASSOCIATE-RQ
+        with 0x01, so plaintext DICOM on a TLS port can be answered in plaintext."""
+        first = bytes(await stream.receive_some(FIRST_READ))
         if not first:
             raise trio.BrokenResourceError("closed before sending anything")
-        if li.tls is None and first[0] == TLS_HANDSHAKE:
-            raise Refused(
-                Reason.TLS_ON_PLAINTEXT,
-                f"TLS handshake received on plaintext listener {li.name}: the peer expects TLS",
-                before_tls=True,
-            )
-        if li.tls is not None and first[0] == pdu.A_ASSOCIATE_RQ:
-            raw, extra = await read_pdu(stream, limit, first=True, initial=bytes(first))
-            rq = _parse_request(raw)
-            _describe_request(record, rq)
-            if not plaintext_allowed(li.allow_plaintext_from, rq.calling_ae, source):
-                raise Refused(
-                    Reason.PLAINTEXT_ON_TLS,
-                    f"plaintext DICOM received on TLS listener {li.name} from Calling AE "
-                    f"{rq.calling_ae!r} at {source}",
-                )
-            event(
-                "plaintext-allowed",
-                logging.WARNING,
-                listener=li.name,
-                peer=record.peer,
-                calling_ae=rq.calling_ae,
-                msg="plaintext DICOM on a TLS listener, let through by allow_plaintext_from",
-            )
-            record.tls_version = "none (allow_plaintext_from)"
-            return stream, PeerIdentity(), rq, extra
         if li.tls is None:
-            client: tls.ByteStream = stream
-            identity = PeerIdentity()
-        else:
-            client, identity = await self._handshake(li, stream, record, bytes(first))
-            first = b""
-        raw, extra = await read_pdu(client, limit, first=True, initial=bytes(first))
-        rq = _parse_request(raw)
-        _describe_request(record, rq)
-        return client, identity, rq, extra
+            if first[0] == TLS_HANDSHAKE:
+                raise Refused(
+                    Reason.TLS_ON_PLAINTEXT,
+                    f"TLS handshake received on plaintext listener {li.name}: the peer expects TLS",
+                    before_tls=True,
+                )
+            return stream, PeerIdentity(), first
+        if first[0] == pdu.A_ASSOCIATE_RQ:
+            return stream, PeerIdentity(), first
+        tstream, identity = await self._handshake(li, stream, record, first)
+        return tstream, identity, b""
+
+    def _plaintext_on_tls(
+        self, li: Listener, rq: pdu.AssociateRequest, source: IPAddress, record: AssociationRecord
+    ) -> None:
+        """A plaintext RQ on a TLS listener: refused, unless allow_plaintext_from names it."""
+        if not plaintext_allowed(li.allow_plaintext_from, rq.calling_ae, source):
+            raise Refused(
+                Reason.PLAINTEXT_ON_TLS,
+                f"plaintext DICOM received on TLS listener {li.name} from Calling AE "
+                f"{rq.calling_ae!r} at {source}",
+            )
+        event(
+            "plaintext-allowed",
+            logging.WARNING,
+            listener=li.name,
+            peer=record.peer,
+            calling_ae=rq.calling_ae,
+            msg="plaintext DICOM on a TLS listener, let through by allow_plaintext_from",
+        )
+        record.tls_version = "none (allow_plaintext_from)"
 
     async def _handshake(
         self, li: Listener, stream: trio.SocketStream, record: AssociationRecord, initial: bytes
@@ -418,6 +435,12 @@ class Proxy:
         raise Refused(
             Reason.UPSTREAM_NO_ANSWER, f"the upstream answered with {type(parsed).__name__}"
         )
+
+
+async def _flush_suppressed_lines() -> None:
+    while True:
+        await trio.sleep(audit.limiter.interval)
+        audit.flush_suppressed()
 
 
 class StartError(Exception):
