@@ -86,6 +86,9 @@ class _Verification:
     failure: policy.Problem | None = None
     warnings: list[str] = field(default_factory=list)
     leaf_checked: bool = False
+    # A chain error OpenSSL reported above depth 0 before showing us the leaf (it checks the chain
+    # top-down): the refusal waits for the leaf's callback, so that the log can name the leaf.
+    chain_failure: policy.Problem | None = None
 
 
 def _openssl_error_text(errnum: int) -> str:
@@ -116,12 +119,21 @@ def _decide(state: _Verification, cert: crypto.X509, errnum: int, depth: int, ok
         state.leaf = cert.to_cryptography()
     if table.verify == "none":
         return True
+    if depth == 0 and state.chain_failure is not None:
+        state.failure = state.chain_failure
+        return False
     allow_weak = table.allow_weak_peer_certificates
     if not ok and table.verifies_chain:
         reason = policy.openssl_error_reason(errnum)
         text = f"{_openssl_error_text(errnum)} (depth {depth})"
         if allow_weak and reason in OVERRIDABLE:
             state.warnings.append(f"accepted despite {reason}: {text}")
+        elif depth > 0 and state.leaf is None:
+            # E.g. a client sending its leaf and its own untrusted root: the root's error comes
+            # first. Refuse at depth 0 (and after the handshake should OpenSSL never get there).
+            if state.chain_failure is None:
+                state.chain_failure = policy.Problem(reason, text)
+            return True
         else:
             state.failure = policy.Problem(reason, text)
             return False
@@ -290,6 +302,7 @@ class TlsStream:
         self._verification = verification
         self._send_lock = trio.Lock()
         self._eof = False
+        self._error = ""
         conn.set_app_data(verification)
 
     # -- setting up -------------------------------------------------------------------------
@@ -337,6 +350,10 @@ class TlsStream:
             if not data:
                 raise self._failure(None)
             self._conn.bio_write(data)
+        v = self._verification
+        if v.failure is None and v.chain_failure is not None:  # fail closed, never reached so far
+            v.failure = v.chain_failure
+            raise self._failure(None)
         await self._flush()  # the last flight, and TLS 1.3 session tickets
 
     def _failure(self, exc: SSL.Error | None) -> TlsFailure:
@@ -372,7 +389,7 @@ class TlsStream:
             mac=mac,
             certificate=cert,
             identity=identity,
-            warnings=tuple(v.warnings),
+            warnings=tuple(dict.fromkeys(v.warnings)),  # OpenSSL and policy may both report it
         )
 
     # -- moving bytes -----------------------------------------------------------------------
@@ -380,12 +397,12 @@ class TlsStream:
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """All plaintext available now (may exceed `max_bytes`); b"" at the end of the stream."""
         while True:
-            out = (
-                self._decrypt()
-            )  # the peer's first bytes may have come with its last handshake flight
+            # The peer's first bytes may have come with its last handshake flight.
+            out = self._decrypt()
             await self._flush()  # reading can produce records to send (KeyUpdate, alerts)
             if out:
                 return out
+            self._raise_if_broken()
             if self._eof:
                 return b""
             data = await self.transport.receive_some(RECEIVE_SIZE)
@@ -396,6 +413,12 @@ class TlsStream:
             await self._flush()
             if out:
                 return out
+            self._raise_if_broken()
+
+    def _raise_if_broken(self) -> None:
+        """A fatal TLS error while reading is a broken stream, like a reset, above."""
+        if self._error:
+            raise trio.BrokenResourceError(self._error)
 
     def _feed(self, data: bytes | bytearray) -> bytes:
         view = memoryview(data)
@@ -405,7 +428,7 @@ class TlsStream:
             part = self._decrypt()
             if part:
                 parts.append(part)
-            if self._eof:
+            if self._eof or self._error:
                 break
         return b"".join(parts)
 
@@ -423,14 +446,20 @@ class TlsStream:
             except SSL.SysCallError:
                 self._eof = True
                 break
+            except SSL.Error as exc:  # bad record, or a fatal alert from the peer
+                self._error = f"TLS error: {_ssl_error_text(exc)}"
+                break
         return b"".join(parts)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         chunks: list[bytes] = []
-        for start in range(0, len(view), SLICE):
-            self._conn.sendall(view[start : start + SLICE])
-            chunks.extend(self._drain_bio())
+        try:
+            for start in range(0, len(view), SLICE):
+                self._conn.sendall(view[start : start + SLICE])
+                chunks.extend(self._drain_bio())
+        except SSL.Error as exc:
+            raise trio.BrokenResourceError(f"TLS error: {_ssl_error_text(exc)}") from None
         await self._send_ciphertext(chunks)
 
     def _drain_bio(self) -> list[bytes]:
