@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -104,10 +105,61 @@ def setup_logging(fmt: str = "text", level: str = "info", *, worker: int | None 
     log.propagate = False
 
 
+class RateLimiter:
+    """At most `burst` lines per key and `interval`; the rest are counted and reported once per
+    interval, so a scanner refusing itself a thousand times a second costs one line a second."""
+
+    def __init__(
+        self, burst: int = 5, interval: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst, self.interval, self.clock = burst, interval, clock
+        self._windows: dict[tuple[str, str], tuple[float, int, int]] = {}  # start, seen, dropped
+
+    def allow(self, key: tuple[str, str]) -> bool:
+        now = self.clock()
+        start, seen, dropped = self._windows.get(key, (now, 0, 0))
+        if now - start >= self.interval and not dropped:
+            start, seen = now, 0
+        seen += 1
+        allowed = seen <= self.burst
+        self._windows[key] = (start, seen, dropped + (0 if allowed else 1))
+        return allowed
+
+    def flush(self) -> list[tuple[tuple[str, str], int]]:
+        """(key, count) for every key whose interval is over with lines held back."""
+        now = self.clock()
+        out = []
+        for key, (start, _, dropped) in list(self._windows.items()):
+            if now - start >= self.interval:
+                if dropped:
+                    out.append((key, dropped))
+                del self._windows[key]
+        return out
+
+
+limiter = RateLimiter()
+
+
 def emit(record: AssociationRecord) -> None:
-    """The one log line of an association: info when it completed, warning otherwise."""
-    level = logging.INFO if record.outcome in (Outcome.COMPLETED, "") else logging.WARNING
-    log.log(level, "association", extra={"fields": record.fields()})
+    """The one log line of an association: info when it completed, warning otherwise.
+    Refusals are rate-limited per source address and reason."""
+    if record.outcome in (Outcome.COMPLETED, ""):
+        log.info("association", extra={"fields": record.fields()})
+        return
+    if limiter.allow((record.peer.rpartition(":")[0], record.reason)):
+        log.warning("association", extra={"fields": record.fields()})
+
+
+def flush_suppressed() -> None:
+    for (source, reason), count in limiter.flush():
+        event(
+            "suppressed",
+            logging.WARNING,
+            source=source,
+            reason=reason,
+            count=count,
+            msg=f"{count} more refusals like this from {source} in the last {limiter.interval:g}s",
+        )
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from cryptography import x509
 
-from dicom_tls_proxy import certload
+from dicom_tls_proxy import certload, policy
 from dicom_tls_proxy.auth import IPNetwork, PeerMatcher, PlaintextSender, parse_peer_matcher
 from dicom_tls_proxy.pdu import validate_ae_title
 from dicom_tls_proxy.thumbprint import Thumbprint, parse_thumbprint
@@ -94,6 +94,7 @@ class ProxySettings:
     log_format: str = "text"
     log_level: str = "info"
     workers: int = 1
+    max_connections_per_ip: int = 0  # 0 = off
 
 
 @dataclass(frozen=True)
@@ -458,6 +459,9 @@ def _proxy(r: _Reader, d: dict[str, Any]) -> ProxySettings:
         log_format=r.value(d, k, "log_format", str, base.log_format, _one_of(*LOG_FORMATS)),
         log_level=r.value(d, k, "log_level", str, base.log_level, _one_of(*LOG_LEVELS)),
         workers=r.value(d, k, "workers", int, base.workers, _between(1, 64)),
+        max_connections_per_ip=r.value(
+            d, k, "max_connections_per_ip", int, base.max_connections_per_ip, _at_least(0)
+        ),
     )
     return settings
 
@@ -521,6 +525,11 @@ def _tls_table(r: _Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTa
         )
     if allow_weak:
         r.warn(f"{key}.allow_weak_peer_certificates", "weak peer certificates are accepted")
+    if peer_certificate == "none":
+        r.warn(
+            f"{key}.peer_certificate",
+            'peer_certificate = "none": clients of listeners with this table are not authenticated',
+        )
 
     identity = None
     if certificate is not None:
@@ -569,6 +578,12 @@ def _tls_table(r: _Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTa
                 r.warn(
                     f"{key}.crl[{i}]",
                     f"CRL from {c.issuer.rfc4514_string()} reaches its nextUpdate within 7 days",
+                )
+        for c in loaded:
+            if ca_certs and not policy.crl_signed_by(c, ca_certs):
+                r.error(
+                    f"{key}.crl[{i}]",
+                    f"CRL from {c.issuer.rfc4514_string()} is not signed by a CA in {key}.ca",
                 )
         crls.extend(loaded)
 

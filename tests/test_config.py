@@ -209,6 +209,20 @@ def test_broken_config_names_file_and_key(
     assert f"{path}: {expected}" in err, err
 
 
+def test_crl_not_signed_by_a_configured_ca(tmp_path: Path, pki: Path) -> None:
+    from dicom_tls_proxy import pki as factory
+
+    other_key, other_ca = factory.make_ca("Other CA")
+    crl = factory.make_crl(other_key, other_ca, [], next_update=None)
+    (tmp_path / "other.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"]["crl"] = [str(tmp_path / "other.crl")]
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: tls.inbound.crl[0]: CRL from CN=Other CA" in err
+    assert "is not signed by a CA in tls.inbound.ca" in err
+
+
 def test_name_matcher_needs_verified_chain(tmp_path: Path, pki: Path) -> None:
     cfg = base_config(pki)
     cfg["tls"]["inbound"]["verify"] = "thumbprint"

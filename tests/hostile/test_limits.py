@@ -1,0 +1,64 @@
+"""Limits and floods: max_connections_per_ip, and log lines rate-limited per source."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from tests.support import TIMEOUT, LegacyDevice, RawClient, build_rq, running_proxy, wait_until
+
+
+def config(pki: Path, upstream: str, **proxy: Any) -> dict[str, Any]:
+    return {
+        "proxy": proxy,
+        "tls": {
+            "in": {
+                "certificate": pki / "proxy.pem",
+                "private_key": pki / "proxy.key",
+                "ca": pki / "ca.pem",
+            }
+        },
+        "listener": [{"name": "plain", "bind": "127.0.0.1:0"}],
+        "route": [{"called_ae": "CT", "upstream": upstream, "listeners": ["plain"]}],
+    }
+
+
+def test_max_connections_per_ip_closes_at_accept(
+    tmp_path: Path, pki: Path, legacy: LegacyDevice
+) -> None:
+    with running_proxy(tmp_path, config(pki, legacy.address, max_connections_per_ip=2)) as proxy:
+        address = proxy.address("plain")
+        held = [socket.create_connection(address, timeout=TIMEOUT) for _ in range(2)]
+        try:
+            with socket.create_connection(address, timeout=TIMEOUT) as third:
+                assert third.recv(10) == b""  # closed at once, nothing sent
+            line = proxy.association(reason="too-many-associations")
+            assert line["outcome"] == "refused" and "max_connections_per_ip" in line["detail"]
+        finally:
+            for s in held:
+                s.close()
+        wait_until(
+            lambda: len(proxy.find(event="association", reason="client-closed")) == 2,
+            what="2 closed",
+        )
+        client = RawClient(address)  # the slots came back
+        client.send(build_rq("CT"))
+        assert client.read_pdu()[0] == 0x02
+        client.close()
+
+
+def test_refusal_flood_is_rate_limited_per_source(
+    tmp_path: Path, pki: Path, legacy: LegacyDevice
+) -> None:
+    with running_proxy(tmp_path, config(pki, legacy.address)) as proxy:
+        address = proxy.address("plain")
+        for _ in range(60):
+            client = RawClient(address)
+            client.send(build_rq("NOWHERE"))
+            client.read_pdu()
+            client.close()
+        summary = proxy.wait_for(event="suppressed", reason="no-route")
+        logged = len(proxy.find(event="association", reason="no-route"))
+        assert logged + sum(x["count"] for x in proxy.find(event="suppressed")) == 60
+        assert logged < 60 and summary["source"] == "127.0.0.1"
