@@ -388,6 +388,16 @@ class Proxy:
                     upstream, max(self.config.proxy.max_associate_length, 1 << 20), first=False
                 )
             except STREAM_ERRORS as exc:
+                if route.upstream_tls is not None:
+                    # TLS 1.3: the server judges our client certificate after our side of the
+                    # handshake is done; its refusal shows up here, as an alert or a reset.
+                    await abort_quietly(upstream)
+                    raise Refused(
+                        Reason.UPSTREAM_TLS_FAILED,
+                        f"{route.upstream}: the upstream ended the TLS session right after the "
+                        f"handshake ({exc}): it most likely refuses the proxy's client "
+                        f"certificate of [tls.{route.upstream_tls}]",
+                    ) from None
                 problem = f"the upstream closed the connection before answering ({exc})"
             except pdu.PduError as exc:
                 problem = f"the upstream answered with an invalid PDU: {exc}"
