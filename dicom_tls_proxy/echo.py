@@ -177,6 +177,14 @@ def describe_reject(rj: pdu.AssociateReject) -> str:
     )
 
 
+def _closed_during_handshake(where: str, exc: BaseException) -> tuple[str, str]:
+    return (
+        f"{where} closed the connection during the TLS handshake ({exc})",
+        "the port may not speak TLS (try without the TLS options), or the server refused this "
+        "client",
+    )
+
+
 def _tls_advice(failure: TlsFailure, table: TlsTable, server_name: str) -> tuple[str, str]:
     cert = failure.certificate
     d = policy.describe(cert) if cert is not None else {}
@@ -262,19 +270,22 @@ async def echo(
                             "this looks like a plaintext DICOM port: drop the --tls/--thumbprint "
                             "options, or use the TLS port (2762 by convention)",
                         )
+                    if not recorder.first:  # closed (not reset) before sending a byte
+                        return result.fail(*_closed_during_handshake(where, failure))
                     return result.fail(*_tls_advice(failure, table, name))
                 except STREAM_ERRORS as exc:
-                    return result.fail(
-                        f"{where} closed the connection during the TLS handshake ({exc})",
-                        "the port may not speak TLS (try without the TLS options), or the "
-                        "server refused this client",
-                    )
+                    return result.fail(*_closed_during_handshake(where, exc))
                 stream = tstream
                 result.tls = tstream.info()
                 result.certificate = result.tls.certificate
                 result.timings["tls"] = time.perf_counter() - mark
             await _associate_and_echo(stream, recorder, called_ae, calling_ae, result, where)
         if scope.cancelled_caught:
+            if "connect" not in result.timings:  # the TCP connect itself never completed
+                return result.fail(
+                    f"timeout: no connection to {where} within {timeout:g}s",
+                    "a firewall may drop the packets, or the host may be down or overloaded",
+                )
             step = (
                 "TLS handshake" if table is not None and "tls" not in result.timings else "answer"
             )
@@ -319,11 +330,14 @@ async def _associate_and_echo(
             )
             return
         text = str(exc)
-        if result.tls is not None and "alert" in text:
+        if result.tls is not None and ("alert" in text or not isinstance(exc, pdu.PduError)):
+            # With TLS 1.3 a server checks the client certificate after the client has finished
+            # its handshake: its refusal is an alert, or a bare reset that overtook the alert.
             result.fail(
                 f"{where} ended the TLS session after the handshake: {text}",
                 "the server requires a client certificate it trusts: give --tls-cert and "
-                "--tls-key (signed by a CA the server trusts, or pinned there by thumbprint)",
+                "--tls-key (signed by a CA the server trusts, or pinned there by thumbprint)"
+                + ("" if "alert" in text else "; otherwise see the server's log"),
             )
         elif result.tls is None and not recorder.first:
             result.fail(
@@ -339,7 +353,10 @@ async def _associate_and_echo(
         return
     answer = pdu.parse_pdu(raw)
     if isinstance(answer, pdu.AssociateReject):
-        result.fail(describe_reject(answer), _reject_advice(answer, called_ae, calling_ae))
+        result.fail(
+            describe_reject(answer),
+            _reject_advice(answer, called_ae, calling_ae, tls=result.tls is not None),
+        )
         return
     if isinstance(answer, pdu.Abort):
         why = pdu.ABORT_REASONS.get(answer.source, {}).get(answer.reason, f"reason {answer.reason}")
@@ -387,11 +404,19 @@ async def _release(stream: ByteStream) -> None:
             pass
 
 
-def _reject_advice(rj: pdu.AssociateReject, called_ae: str, calling_ae: str) -> str:
+def _reject_advice(
+    rj: pdu.AssociateReject, called_ae: str, calling_ae: str, *, tls: bool = True
+) -> str:
     if rj.source == 1 and rj.reason == 7:
         return f"the server has no service called {called_ae!r}: check --called-ae"
     if rj.source == 1 and rj.reason == 3:
         return f"the server does not accept Calling AE {calling_ae!r}: check --calling-ae"
+    if rj.source == 1 and not tls:
+        # The proxy's TLS listener answers plaintext DICOM so (reason plaintext-on-tls).
+        return (
+            "if this is a TLS port, connect over TLS: add --tls-ca FILE (or --thumbprint T); "
+            "otherwise the server refused this client (source address or rules): see its log"
+        )
     if rj.source == 1:
         return "the server refused this client (certificate, source address or rules): see its log"
     if rj.source == 3:

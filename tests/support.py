@@ -469,3 +469,81 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
             raise EOFError(f"closed after {len(buf)} of {n} bytes")
         buf += chunk
     return buf
+
+
+# -- certificates and peers for TLS origination and the echo command -----------------------
+
+
+def pacs_identities(folder: Path, pki: Path) -> dict[str, tuple[Path, Path]]:
+    """Server identities for a remote PACS on 127.0.0.1, as (key file, certificate file):
+    `pacs` (the dev CA, SAN IP:127.0.0.1), `dns-only` (the dev CA, SAN DNS:pacs.example.org only),
+    `expired` (the dev CA, SAN IP:127.0.0.1, expired yesterday), `foreign` (SAN IP:127.0.0.1, from
+    another CA) and `other-ca` (that other CA)."""
+    import datetime
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from dicom_tls_proxy import pki as factory
+
+    ca: Any = (
+        load_pem_private_key((pki / "ca.key").read_bytes(), None),
+        certificate_of(pki / "ca.pem"),
+    )
+    other_ca = factory.make_ca("another CA")
+    now = datetime.datetime.now(datetime.UTC)
+    made = {
+        "pacs": factory.make_leaf(*ca, "pacs", ips=["127.0.0.1"]),
+        "dns-only": factory.make_leaf(*ca, "pacs.example.org", dns=["pacs.example.org"]),
+        "expired": factory.make_leaf(
+            *ca,
+            "expired-pacs",
+            ips=["127.0.0.1"],
+            not_before=now - datetime.timedelta(days=30),
+            not_after=now - datetime.timedelta(days=1),
+        ),
+        "foreign": factory.make_leaf(*other_ca, "foreign-pacs", ips=["127.0.0.1"]),
+        "other-ca": other_ca,
+    }
+    files: dict[str, tuple[Path, Path]] = {}
+    for name, (key, cert) in made.items():
+        files[name] = (folder / f"{name}.key", folder / f"{name}.pem")
+        factory.write_pem_key(files[name][0], key)
+        factory.write_pem_cert(files[name][1], cert)
+    return files
+
+
+def certificate_of(path: Path) -> Any:
+    """The first certificate of a PEM file."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def sha256_of(path: Path) -> str:
+    """`sha256:HEX` of the first certificate of a PEM file, computed here, not by the product."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return "sha256:" + hashlib.sha256(certificate_of(path).public_bytes(Encoding.DER)).hexdigest()
+
+
+@contextmanager
+def silent_listener(*, backlog_full: bool) -> Iterator[str]:
+    """A listener that never accepts; yields its `host:port`. With a full backlog further SYNs are
+    dropped (a connect times out); without, the kernel completes the connect and nothing answers."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0 if backlog_full else 8)
+    fillers = []
+    for _ in range(4 if backlog_full else 0):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(hole.getsockname())
+        fillers.append(s)
+    try:
+        yield f"127.0.0.1:{hole.getsockname()[1]}"
+    finally:
+        for s in fillers:
+            s.close()
+        hole.close()
