@@ -254,6 +254,10 @@ class _Reader:
                 raise ValueError(f"{p} does not exist")
             if not folder and p.is_dir():
                 raise ValueError(f"{p} is a folder, expected a file")
+            # Every file a config names is a key, a password or a trust anchor.
+            insecure = certload.insecure_file_reason(p)
+            if insecure:
+                raise ValueError(f"refused: {insecure}")
             return p
 
         found: Path | None = self.value(data, key, name, str, None, resolve)

@@ -384,6 +384,26 @@ def test_world_readable_key_warns(tmp_path: Path, pki: Path) -> None:
     assert f"warning: {path}: tls.inbound.private_key:" in err
 
 
+def test_files_others_can_change_are_refused(tmp_path: Path, pki: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copy(pki / "proxy.key", shared / "proxy.key")
+    cfg = base_config(pki)
+    cfg["tls"]["inbound"]["private_key"] = str(shared / "proxy.key")
+    os.chmod(shared, 0o777)  # anyone could swap the key
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: tls.inbound.private_key: refused: {shared} is writable by every user" in err
+    os.chmod(shared, 0o1777)  # with the sticky bit, as /tmp: fine
+    assert run_check(tmp_path, cfg)[0] == 0
+    os.chmod(shared / "proxy.key", 0o666)
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2 and "proxy.key is writable by every user" in err
+    os.symlink(pki / "proxy.key", shared / "link.key")  # a symlink itself is fine (Kubernetes)
+    cfg["tls"]["inbound"]["private_key"] = str(shared / "link.key")
+    assert run_check(tmp_path, cfg)[0] == 0
+
+
 def test_insecure_modes_load_with_warnings(tmp_path: Path, pki: Path) -> None:
     cfg = base_config(pki)
     cfg["tls"]["inbound"].update(verify="none", profile="legacy")
