@@ -97,6 +97,35 @@ def run(config_path: Path) -> None:
     sys.exit(serve_forever(config))
 
 
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The TOML config file.",
+)
+def reload(config_path: Path) -> None:
+    """Validate the config, then make the running proxy (named by `pid_file`) re-read it."""
+    import os
+    import signal
+
+    config = _load(config_path)
+    pid_path = config.proxy.pid_file
+    if pid_path is None:
+        _fail(
+            f"{config.path}: proxy.pid_file: not set, so the running proxy cannot be found",
+            EXIT_FAILURE,
+        )
+    try:
+        pid = int(pid_path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        _fail(f"{pid_path}: no running proxy to reload ({exc})", EXIT_FAILURE)
+    click.echo(f"{config.path}: valid; sent SIGHUP to process {pid} (see its log for the result)")
+
+
 @main.command(hidden=True)
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(path_type=Path))
 @click.option("--index", type=int, required=True)

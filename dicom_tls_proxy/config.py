@@ -95,6 +95,18 @@ class ProxySettings:
     log_level: str = "info"
     workers: int = 1
     max_connections_per_ip: int = 0  # 0 = off
+    drain_timeout: float = 30.0
+    pid_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    file: Path | None = None  # JSON lines, one object per association and per event
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    bind: Endpoint | None = None  # /metrics, /healthz, /readyz
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,8 @@ class Config:
     listeners: tuple[Listener, ...]
     routes: tuple[Route, ...]
     warnings: tuple[str, ...] = ()
+    audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     def listener(self, name: str) -> Listener:
         return next(li for li in self.listeners if li.name == name)
@@ -262,6 +276,18 @@ class _Reader:
 
         found: Path | None = self.value(data, key, name, str, None, resolve)
         return found
+
+    def new_file(self, text: str) -> Path:
+        """A file the proxy writes (pid file, audit log): its folder must exist."""
+        if not text:
+            raise ValueError("must not be empty")
+        p = Path(text).expanduser()
+        p = p if p.is_absolute() else self.base / p
+        if not p.parent.is_dir():
+            raise ValueError(f"folder {p.parent} does not exist")
+        if p.is_dir():
+            raise ValueError(f"{p} is a folder, expected a file")
+        return p
 
     def string_list(
         self, data: Mapping[str, Any], key: str, name: str, check: Callable[[str], T]
@@ -411,8 +437,23 @@ def load_config(path: str | os.PathLike[str], *, now: datetime | None = None) ->
 
 
 def _build(r: _Reader, data: dict[str, Any], now: datetime) -> Config:
-    r.unknown(data, "", {"proxy", "tls", "listener", "route"})
+    r.unknown(data, "", {"proxy", "tls", "listener", "route", "audit", "metrics"})
     proxy = _proxy(r, r.table(data.get("proxy", {}), "proxy"))
+    audit_data = r.table(data.get("audit", {}), "audit")
+    r.unknown(audit_data, "audit", {"file"})
+    audit = AuditSettings(file=r.value(audit_data, "audit", "file", str, None, r.new_file))
+    metrics_data = r.table(data.get("metrics", {}), "metrics")
+    r.unknown(metrics_data, "metrics", {"bind"})
+    metrics = MetricsSettings(
+        bind=r.value(
+            metrics_data,
+            "metrics",
+            "bind",
+            str,
+            None,
+            lambda t: parse_endpoint(t, allow_port_zero=True),
+        )
+    )
     tls_data = r.table(data.get("tls", {}), "tls")
     tables: dict[str, TlsTable] = {}
     for name, table in tls_data.items():
@@ -440,6 +481,8 @@ def _build(r: _Reader, data: dict[str, Any], now: datetime) -> Config:
         listeners=tuple(listeners),
         routes=tuple(routes),
         warnings=tuple(r.warnings),
+        audit=audit,
+        metrics=metrics,
     )
 
 
@@ -466,6 +509,8 @@ def _proxy(r: _Reader, d: dict[str, Any]) -> ProxySettings:
         max_connections_per_ip=r.value(
             d, k, "max_connections_per_ip", int, base.max_connections_per_ip, _at_least(0)
         ),
+        drain_timeout=r.value(d, k, "drain_timeout", float, base.drain_timeout, _positive),
+        pid_file=r.value(d, k, "pid_file", str, None, r.new_file),
     )
     return settings
 

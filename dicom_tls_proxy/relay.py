@@ -11,6 +11,7 @@ bounded. The idle timeout is one cancel-scope deadline that both pumps push forw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -23,6 +24,13 @@ from dicom_tls_proxy.vocabulary import Outcome, Reason
 CHUNK = 256 * 1024
 
 
+class ShutdownSignal(Protocol):
+    """What a draining proxy offers the relay: its relays to cancel, and whether it stops."""
+
+    relays: set[trio.CancelScope]
+    stopping: bool
+
+
 @dataclass
 class _Side:
     name: str  # "client" or "upstream"
@@ -30,6 +38,7 @@ class _Side:
     tracker: BoundaryTracker  # PDUs this side has *sent*
     closed: bool = False
     broken: bool = False  # our writes to it failed
+    sending: bool = False  # a write to it was under way (if cancelled, the PDU is cut off)
 
 
 async def relay(
@@ -38,13 +47,17 @@ async def relay(
     record: AssociationRecord,
     idle_timeout: float,
     max_pdu_length: int | None = None,
+    shutdown: ShutdownSignal | None = None,
 ) -> None:
-    """Relay until the association ends; fills in the record's outcome; closes nothing."""
+    """Relay until the association ends; fills in the record's outcome; closes nothing.
+    `shutdown` lets a draining proxy end the relay and abort both sides between PDUs."""
     c = _Side("client", client, BoundaryTracker(max_pdu_length))
     u = _Side("upstream", upstream, BoundaryTracker(max_pdu_length))
     invalid: list[str] = []
     with trio.CancelScope() as idle:
         idle.deadline = trio.current_time() + idle_timeout
+        if shutdown is not None:
+            shutdown.relays.add(idle)
 
         async def pump(src: _Side, dst: _Side, nursery: trio.Nursery) -> None:
             counter = "bytes_up" if src is c else "bytes_down"
@@ -60,11 +73,13 @@ async def relay(
                     except PduError as exc:
                         invalid.append(f"{src.name} sent an invalid PDU: {exc}")
                         break
+                    dst.sending = True
                     try:
                         await dst.stream.send_all(data)
                     except STREAM_ERRORS:
                         dst.broken = dst.closed = True
                         break
+                    dst.sending = False
                     setattr(record, counter, getattr(record, counter) + len(data))
                     if src.tracker.seen_abort:
                         break
@@ -72,9 +87,13 @@ async def relay(
                 src.closed = True
             nursery.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, c, u, nursery)
-            nursery.start_soon(pump, u, c, nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, c, u, nursery)
+                nursery.start_soon(pump, u, c, nursery)
+        finally:
+            if shutdown is not None:
+                shutdown.relays.discard(idle)
 
     released = c.tracker.seen_release_rp or u.tracker.seen_release_rp
     if c.tracker.seen_abort:
@@ -85,6 +104,10 @@ async def relay(
         record.finish(Outcome.COMPLETED, Reason.RELEASED)
     elif invalid:
         record.finish(Outcome.ABORTED, Reason.INVALID_PDU, invalid[0])
+        await _abort(c, u)
+        await _abort(u, c)
+    elif idle.cancelled_caught and shutdown is not None and shutdown.stopping:
+        record.finish(Outcome.ABORTED, Reason.SHUTDOWN, "drain_timeout passed while stopping")
         await _abort(c, u)
         await _abort(u, c)
     elif idle.cancelled_caught:
@@ -101,5 +124,5 @@ async def relay(
 
 async def _abort(to: _Side, other: _Side) -> None:
     """A-ABORT (2, 0) to `to`, only where the bytes it received so far end on a PDU boundary."""
-    if not (to.closed or to.broken) and other.tracker.at_boundary:
+    if not (to.closed or to.broken or to.sending) and other.tracker.at_boundary:
         await abort_quietly(to.stream)

@@ -16,7 +16,10 @@ import os
 import signal
 import socket as stdlib_socket
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 from OpenSSL import SSL
@@ -25,7 +28,7 @@ from pydicom.uid import UID
 from dicom_tls_proxy import audit, pdu, policy, routing, tls
 from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
-from dicom_tls_proxy.config import Config, Listener, Route
+from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, load_config
 from dicom_tls_proxy.relay import relay
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
@@ -75,29 +78,96 @@ def answer_bytes(reason: Reason) -> bytes:
     return b""
 
 
-@dataclass
-class Proxy:
-    """The running proxy: contexts built once per config, counters shared by all connections."""
+@dataclass(frozen=True)
+class Generation:
+    """One loaded config and the TLS contexts built from it. A connection keeps the generation
+    it was accepted under, so a reload never changes an association in flight."""
 
     config: Config
-    server_contexts: dict[str, SSL.Context] = field(default_factory=dict)
-    client_contexts: dict[str, SSL.Context] = field(default_factory=dict)
-    active: int = 0
+    server_contexts: dict[str, SSL.Context]
+    client_contexts: dict[str, SSL.Context]
+
+    @classmethod
+    def build(cls, config: Config) -> Generation:
+        server = {
+            li.tls: tls.server_context(config.tls[li.tls]) for li in config.listeners if li.tls
+        }
+        client = {
+            r.upstream_tls: tls.client_context(config.tls[r.upstream_tls])
+            for r in config.routes
+            if r.upstream_tls
+        }
+        return cls(config, server, client)
+
+
+def fixed_settings(config: Config) -> dict[str, object]:
+    """What a reload cannot change in a running process (the sockets, the processes)."""
+    return {
+        "listener bind": sorted((li.name, str(li.bind)) for li in config.listeners),
+        "proxy.workers": config.proxy.workers,
+        "proxy.max_pending": config.proxy.max_pending,
+        "proxy.log_format": config.proxy.log_format,
+        "metrics.bind": str(config.metrics.bind),
+        "audit.file": str(config.audit.file),
+    }
+
+
+@dataclass
+class Proxy:
+    """The running proxy: the current generation, and counters shared by all connections."""
+
+    config: Config
     share: int = 1  # workers sharing the limits: each takes max_connections / share
+    active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)  # pending and relayed, by source
 
     def __post_init__(self) -> None:
-        for li in self.config.listeners:
-            if li.tls is not None and li.tls not in self.server_contexts:
-                self.server_contexts[li.tls] = tls.server_context(self.config.tls[li.tls])
-        for route in self.config.routes:
-            if route.upstream_tls is not None and route.upstream_tls not in self.client_contexts:
-                self.client_contexts[route.upstream_tls] = tls.client_context(
-                    self.config.tls[route.upstream_tls]
-                )
-        self.max_connections = max(1, self.config.proxy.max_connections // self.share)
+        self.gen = Generation.build(self.config)
         self.pending = trio.Semaphore(max(1, self.config.proxy.max_pending // self.share))
+        self.relays: set[trio.CancelScope] = set()  # cancelled with `stopping` set on drain
+        self.stopping = False
+        self._accepting = trio.CancelScope()
+        self._connections: trio.Nursery | None = None
+        self._all_closed = trio.Event()
         syntax_name("1.2.840.10008.1.1")
+
+    @property
+    def max_connections(self) -> int:
+        return max(1, self.gen.config.proxy.max_connections // self.share)
+
+    def reload(self, path: str | os.PathLike[str]) -> bool:
+        """SIGHUP: re-read the config and every file it names; new associations use it, those
+        in flight keep theirs. A config that fails to load changes nothing."""
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            event(
+                "reload-failed",
+                logging.ERROR,
+                msg="config refused; the old one stays",
+                problems=exc.problems,
+            )
+            return False
+        before, after = fixed_settings(self.gen.config), fixed_settings(config)
+        changed = [key for key in before if before[key] != after[key]]
+        if changed:
+            event(
+                "reload-failed",
+                logging.ERROR,
+                changed=changed,
+                msg="these cannot change while running; restart instead. The old config stays",
+            )
+            return False
+        try:
+            gen = Generation.build(config)
+        except Exception as exc:
+            event("reload-failed", logging.ERROR, msg=f"TLS setup failed: {exc}")
+            return False
+        self.gen = gen
+        for warning in config.warnings:
+            event("config-warning", logging.WARNING, msg=warning)
+        event("reloaded", listeners=len(config.listeners), routes=len(config.routes))
+        return True
 
     def stats(self) -> dict[str, int]:
         """What `kill -USR1` logs: for operators, and for tests that check nothing leaks."""
@@ -124,14 +194,14 @@ class Proxy:
     ) -> None:
         """Accept on every listener; `bound` are sockets a supervisor bound for this worker."""
         if bound is None:
-            bound = await bind_listeners(self.config)
+            bound = await bind_listeners(self.gen.config)
         addresses = []
         for li, sl in bound:
             address = _format_address(sl.socket.getsockname())
             addresses.append(address)
             kind = f"tls:{li.tls}" if li.tls else "plaintext"
             event("listening", listener=li.name, address=address, kind=kind)
-        for name, table in self.config.tls.items():
+        for name, table in self.gen.config.tls.items():
             if table.verify == "none":
                 event(
                     "insecure",
@@ -146,11 +216,37 @@ class Proxy:
                     tls=name,
                     msg='profile = "legacy": TLS 1.0/1.1 and CBC suites allowed',
                 )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_flush_suppressed_lines)
-            for li, sl in bound:
-                nursery.start_soon(self._accept_loop, li, sl, nursery)
-            task_status.started(addresses)
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            with self._accepting:
+                async with trio.open_nursery() as accepting:
+                    for li, sl in bound:
+                        accepting.start_soon(self._accept_loop, li, sl, connections)
+                    task_status.started(addresses)
+            for _, sl in bound:  # no new connections from here on
+                await sl.aclose()
+        self._connections = None
+
+    async def drain(self) -> None:
+        """Graceful stop: accept nothing more, let associations finish for drain_timeout, then
+        A-ABORT both ways (between PDUs) to the rest."""
+        self.stopping = True
+        self._accepting.cancel()
+        timeout = self.gen.config.proxy.drain_timeout
+        left = sum(self.per_ip.values())
+        event("draining", connections=left, drain_timeout=timeout)
+        with trio.move_on_after(timeout):
+            if left:
+                await self._all_closed.wait()
+        left = sum(self.per_ip.values())
+        if left:
+            event("drain-timeout", logging.WARNING, connections=left, msg="aborting the rest")
+            for scope in list(self.relays):
+                scope.cancel()
+            with trio.move_on_after(5):
+                await self._all_closed.wait()
+        if self._connections is not None:
+            self._connections.cancel_scope.cancel()
 
     async def _accept_loop(
         self, li: Listener, sl: trio.SocketListener, nursery: trio.Nursery
@@ -174,6 +270,8 @@ class Proxy:
     # -- one connection ---------------------------------------------------------------------
 
     async def _connection(self, li: Listener, stream: trio.SocketStream) -> None:
+        gen = self.gen  # this connection's config, whatever a reload does meanwhile
+        li = gen.config.listener(li.name)
         peer = _peer_of(stream)
         record = AssociationRecord(listener=li.name, peer=_format_address(peer))
         pending = _Slot(self.pending)
@@ -182,7 +280,7 @@ class Proxy:
         self.per_ip[peer[0]] += 1
         try:
             source = ipaddress.ip_address(peer[0].split("%")[0])
-            per_ip_limit = self.config.proxy.max_connections_per_ip
+            per_ip_limit = gen.config.proxy.max_connections_per_ip
             if per_ip_limit and self.per_ip[peer[0]] > per_ip_limit:
                 raise Refused(
                     Reason.TOO_MANY_ASSOCIATIONS,
@@ -195,10 +293,10 @@ class Proxy:
                     f"{source} is not in {li.name}'s allow_source",
                     before_tls=True,
                 )
-            with trio.move_on_after(self.config.proxy.handshake_timeout) as scope:
-                client, identity, initial = await self._secure(li, stream, record)
+            with trio.move_on_after(gen.config.proxy.handshake_timeout) as scope:
+                client, identity, initial = await self._secure(gen, li, stream, record)
                 raw, extra = await read_pdu(
-                    client, self.config.proxy.max_associate_length, first=True, initial=initial
+                    client, gen.config.proxy.max_associate_length, first=True, initial=initial
                 )
                 rq = _parse_request(raw)
                 _describe_request(record, rq)
@@ -209,7 +307,7 @@ class Proxy:
                     Reason.HANDSHAKE_TIMEOUT, "no complete A-ASSOCIATE-RQ within handshake_timeout"
                 )
             pending.release()
-            decision = routing.decide(self.config, li, identity, source, rq)
+            decision = routing.decide(gen.config, li, identity, source, rq)
             if isinstance(decision, routing.Refusal):
                 if decision.route:
                     record.route = decision.route.name
@@ -220,12 +318,14 @@ class Proxy:
                 raise Refused(Reason.TOO_MANY_ASSOCIATIONS, f"{self.active} associations relayed")
             self.active += 1
             try:
-                upstream = await self._open_upstream(route, record)
-                answered = await self._associate(client, upstream, route, rq, record)
+                upstream = await self._open_upstream(gen, route, record)
+                answered = await self._associate(gen, client, upstream, route, rq, record)
                 if answered:
                     if extra:
                         await upstream.send_all(extra)
-                    await relay(client, upstream, record, self.config.proxy.idle_timeout)
+                    await relay(
+                        client, upstream, record, gen.config.proxy.idle_timeout, shutdown=self
+                    )
             finally:
                 self.active -= 1
         except Refused as refusal:
@@ -268,10 +368,12 @@ class Proxy:
             self.per_ip[peer[0]] -= 1
             if not self.per_ip[peer[0]]:
                 del self.per_ip[peer[0]]
+                if self.stopping and not self.per_ip:
+                    self._all_closed.set()
             audit.emit(record)
 
     async def _secure(
-        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord
+        self, gen: Generation, li: Listener, stream: trio.SocketStream, record: AssociationRecord
     ) -> tuple[tls.ByteStream, PeerIdentity, bytes]:
         """TLS if the listener has it; returns the stream to talk DICOM on, the peer, and bytes
         already read. The first byte tells the protocol: TLS starts with 0x16, an A-ASSOCIATE-RQ
@@ -289,7 +391,7 @@ class Proxy:
             return stream, PeerIdentity(), first
         if first[0] == pdu.A_ASSOCIATE_RQ:
             return stream, PeerIdentity(), first
-        tstream, identity = await self._handshake(li, stream, record, first)
+        tstream, identity = await self._handshake(gen, li, stream, record, first)
         return tstream, identity, b""
 
     def _plaintext_on_tls(
@@ -313,12 +415,17 @@ class Proxy:
         record.tls_version = "none (allow_plaintext_from)"
 
     async def _handshake(
-        self, li: Listener, stream: trio.SocketStream, record: AssociationRecord, initial: bytes
+        self,
+        gen: Generation,
+        li: Listener,
+        stream: trio.SocketStream,
+        record: AssociationRecord,
+        initial: bytes,
     ) -> tuple[tls.TlsStream, PeerIdentity]:
         assert li.tls is not None
-        table = self.config.tls[li.tls]
+        table = gen.config.tls[li.tls]
         tstream = await tls.TlsStream.accept(
-            stream, self.server_contexts[li.tls], table, initial=initial
+            stream, gen.server_contexts[li.tls], table, initial=initial
         )
         info = tstream.info()
         record.tls_version, record.cipher = info.version, info.cipher
@@ -352,8 +459,10 @@ class Proxy:
             )
         return tstream, info.identity
 
-    async def _open_upstream(self, route: Route, record: AssociationRecord) -> tls.ByteStream:
-        timeout = self.config.proxy.connect_timeout
+    async def _open_upstream(
+        self, gen: Generation, route: Route, record: AssociationRecord
+    ) -> tls.ByteStream:
+        timeout = gen.config.proxy.connect_timeout
         with trio.move_on_after(timeout) as scope:
             try:
                 sock = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
@@ -363,11 +472,11 @@ class Proxy:
                 ) from None
             if route.upstream_tls is None:
                 return sock
-            table = self.config.tls[route.upstream_tls]
+            table = gen.config.tls[route.upstream_tls]
             name = table.server_name or route.upstream.host
             try:
                 return await tls.TlsStream.connect(
-                    sock, self.client_contexts[route.upstream_tls], table, name
+                    sock, gen.client_contexts[route.upstream_tls], table, name
                 )
             except tls.TlsFailure as failure:
                 await aclose_quietly(sock)
@@ -384,6 +493,7 @@ class Proxy:
 
     async def _associate(
         self,
+        gen: Generation,
         client: tls.ByteStream,
         upstream: tls.ByteStream,
         route: Route,
@@ -394,14 +504,14 @@ class Proxy:
         raw = rq.raw
         if route.upstream_called_ae:
             raw = pdu.rewrite_called_ae(raw, route.upstream_called_ae)
-        timeout = self.config.proxy.associate_timeout
+        timeout = gen.config.proxy.associate_timeout
         answer: bytes | None = None
         problem = ""
         with trio.move_on_after(timeout):
             try:
                 await upstream.send_all(raw)
                 answer, _ = await read_pdu(
-                    upstream, max(self.config.proxy.max_associate_length, 1 << 20), first=False
+                    upstream, max(gen.config.proxy.max_associate_length, 1 << 20), first=False
                 )
             except STREAM_ERRORS as exc:
                 if route.upstream_tls is not None:
@@ -560,17 +670,64 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
     proxy = Proxy(config, share=share)
     # Bound before any nursery opens, so that a port in use is a plain StartError.
     bound = listeners_from_fds(config, listen) if listen else await bind_listeners(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve, bound)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
-            async for signum in signals:
-                if signum == signal.SIGUSR1:
-                    event("stats", **proxy.stats())
-                    continue
-                event("stopping", signal=signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
-    return 0
+    code = 0
+    with pid_file(config.proxy.pid_file if listen is None else None):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_suppressed_lines)
+            await nursery.start(proxy.serve, bound)
+            sd_notify("READY=1")
+            signals_wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+            with trio.open_signal_receiver(*signals_wanted) as signals:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGUSR1:
+                        event("stats", **proxy.stats())
+                    elif signum == signal.SIGHUP:
+                        proxy.reload(config.path)
+                    elif not proxy.stopping:
+                        event(
+                            "stopping", signal=name, msg="draining; a second signal stops at once"
+                        )
+                        sd_notify("STOPPING=1")
+
+                        async def drain_then_stop() -> None:
+                            await proxy.drain()
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(drain_then_stop)
+                    else:
+                        event("stopping-now", logging.WARNING, signal=name)
+                        code = 1
+                        nursery.cancel_scope.cancel()
+    event("stopped", code=code)
+    return code
+
+
+@contextmanager
+def pid_file(path: Path | None) -> Iterator[None]:
+    """`pid_file` for `dicom-tls-proxy reload` and init systems; removed on the way out."""
+    if path is not None:
+        path.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def sd_notify(state: str) -> None:
+    """systemd's Type=notify protocol, without a dependency: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            event("notify-failed", logging.WARNING, msg=str(exc))
 
 
 def serve_forever(config: Config, *, listen: str | None = None, worker: int | None = None) -> int:

@@ -170,13 +170,19 @@ class ProxyProcess:
         return host.strip("[]"), int(port)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM (graceful drain); then a second signal (stop at once); then kill."""
+        for how, wait in (
+            (signal.SIGTERM, 5.0),
+            (signal.SIGINT, TIMEOUT),
+            (signal.SIGKILL, TIMEOUT),
+        ):
+            if self.proc.poll() is not None:
+                break
+            self.proc.send_signal(how)
             try:
-                self.proc.wait(TIMEOUT)
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                continue
         self._reader.join(TIMEOUT)
         return self.proc.returncode
 
