@@ -23,7 +23,6 @@ from pathlib import Path
 
 import trio
 from OpenSSL import SSL
-from pydicom.uid import UID
 
 from dicom_tls_proxy import audit, pdu, policy, routing, tls
 from dicom_tls_proxy.audit import AssociationRecord, event
@@ -39,6 +38,7 @@ from dicom_tls_proxy.streams import (
     os_error_text,
     read_pdu,
 )
+from dicom_tls_proxy.uids import uid_name
 from dicom_tls_proxy.vocabulary import REFUSALS, Abort, Close, Outcome, Reason, Reject
 
 ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -129,7 +129,6 @@ class Proxy:
         self._accepting = trio.CancelScope()
         self._connections: trio.Nursery | None = None
         self._all_closed = trio.Event()
-        syntax_name("1.2.840.10008.1.1")
 
     @property
     def max_connections(self) -> int:
@@ -635,17 +634,11 @@ def _parse_request(raw: bytes) -> pdu.AssociateRequest:
     return parsed
 
 
-def syntax_name(uid: str) -> str:
-    """ "CT Image Storage" for its UID. pydicom loads its dictionary on first use (about 0.25 s):
-    `Proxy` calls this once at start so that the first association does not pay for it."""
-    return str(UID(uid).name)
-
-
 def _describe_request(record: AssociationRecord, rq: pdu.AssociateRequest) -> None:
     record.calling_ae, record.called_ae = rq.calling_ae, rq.called_ae
     names: list[str] = []
     for pc in rq.presentation_contexts:
-        name = syntax_name(pc.abstract_syntax)
+        name = uid_name(pc.abstract_syntax)
         if name not in names:
             names.append(name)
     record.abstract_syntaxes = names
