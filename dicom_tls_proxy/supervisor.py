@@ -11,6 +11,7 @@ the parent stops the others and exits non-zero (restarting workers belongs to th
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -19,7 +20,7 @@ import trio
 from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
 from dicom_tls_proxy.config import Config
-from dicom_tls_proxy.server import StartError, bind_listeners
+from dicom_tls_proxy.server import StartError, bind_listeners, pid_file, sd_notify
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -33,6 +34,8 @@ async def supervise(config: Config) -> int:
     spec = ",".join(f"{li.name}={sl.socket.fileno()}" for li, sl in bound)
     fds = [sl.socket.fileno() for _, sl in bound]
     workers: list[trio.Process] = []
+    # Only this process talks to systemd (NotifyAccess=main): workers get no NOTIFY_SOCKET.
+    worker_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     failed = False
     stopping = False
     try:
@@ -68,15 +71,18 @@ async def supervise(config: Config) -> int:
                     ],
                     pass_fds=fds,
                     start_new_session=True,
+                    env=worker_env,
                 )
                 workers.append(proc)
                 nursery.start_soon(watch, index, proc)
             event("workers-started", workers=len(workers), pids=[p.pid for p in workers])
+            sd_notify("READY=1")  # the sockets are bound: connections queue until a worker accepts
             with trio.open_signal_receiver(*FORWARDED) as signals:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if signum != signal.SIGHUP:
                         stopping = True
+                        sd_notify("STOPPING=1")
                     event("signal", signal=name, msg="forwarded to the workers")
                     for proc in workers:
                         if proc.returncode is None:
@@ -106,4 +112,5 @@ def run_supervisor(config: Config) -> int:
     audit.setup_logging(config.proxy.log_format, config.proxy.log_level)
     for warning in config.warnings:
         event("config-warning", logging.WARNING, msg=warning)
-    return trio.run(supervise, config)
+    with pid_file(config.proxy.pid_file):
+        return trio.run(supervise, config)
