@@ -50,6 +50,15 @@ OVERRIDABLE: frozenset[Reason] = frozenset(
         Reason.TLS_WRONG_USAGE,
     }
 )
+try:  # pyOpenSSL's cffi bindings: decrypt and drain without its per-record copies
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _FAST = all(hasattr(_lib, name) for name in ("SSL_read", "BIO_read")) and all(
+        hasattr(SSL.Connection, name) for name in ("_raise_ssl_error",)
+    )
+except ImportError:  # pragma: no cover - pyOpenSSL reorganised: the public API still works
+    _FAST = False
 _BCP195_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 _LEGACY_CIPHERS = (
     b"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE-RSA-AES128-SHA:ECDHE-RSA-AES256-SHA:"
@@ -184,6 +193,8 @@ def _decide(state: _Verification, cert: crypto.X509, errnum: int, depth: int, ok
 
 def _apply_profile(ctx: SSL.Context, table: TlsTable) -> None:
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF)
+    # An idle association then holds no 16 KiB record buffers: hundreds wait between studies.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     if table.profile == "tls13":
         ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     elif table.profile == "legacy":
@@ -225,6 +236,10 @@ def server_context(table: TlsTable) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     _apply_profile(ctx, table)
     ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
+    # No resumption: DICOM peers open a fresh TLS connection per association and do not resume;
+    # a session cache and TLS 1.3 tickets would only cost memory and a write per handshake.
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     _use_identity(ctx, table)
     _load_trust(ctx, table)
     ctx.set_session_id(b"dicom-tls-proxy")
@@ -394,7 +409,7 @@ class TlsStream:
 
     # -- moving bytes -----------------------------------------------------------------------
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """All plaintext available now (may exceed `max_bytes`); b"" at the end of the stream."""
         while True:
             # The peer's first bytes may have come with its last handshake flight.
@@ -420,68 +435,98 @@ class TlsStream:
         if self._error:
             raise trio.BrokenResourceError(self._error)
 
-    def _feed(self, data: bytes | bytearray) -> bytes:
+    def _feed(self, data: bytes | bytearray) -> bytearray:
+        """Ciphertext in, in slices (OpenSSL's memory BIOs never shrink); plaintext out, all of it
+        decrypted straight into one buffer for the whole chunk."""
         view = memoryview(data)
-        parts: list[bytes] = []
+        out = bytearray(len(view) + 2 * RECORD)
+        pos = 0
         for start in range(0, len(view), SLICE):
-            self._conn.bio_write(bytes(view[start : start + SLICE]))
-            part = self._decrypt()
-            if part:
-                parts.append(part)
+            self._conn.bio_write(view[start : start + SLICE])
+            out, pos = self._decrypt_into(out, pos)
             if self._eof or self._error:
                 break
-        return b"".join(parts)
+        del out[pos:]
+        return out
 
-    def _decrypt(self) -> bytes:
-        parts: list[bytes] = []
+    def _decrypt(self) -> bytearray:
+        out, pos = self._decrypt_into(bytearray(2 * RECORD), 0)
+        del out[pos:]
+        return out
+
+    def _decrypt_into(self, out: bytearray, pos: int) -> tuple[bytearray, int]:
+        """Every record OpenSSL can decrypt now, appended at `pos` (the buffer grows if needed).
+        With pyOpenSSL's internals at hand, SSL_read writes into `out` directly: pyOpenSSL's own
+        `recv` would decrypt into a temporary buffer and copy it out again, per 16 KiB record."""
         conn = self._conn
         while True:
+            if len(out) - pos < RECORD:
+                out.extend(bytes(4 * RECORD))
             try:
-                parts.append(conn.recv(RECORD))
+                if _FAST:
+                    with _ffi.from_buffer(out) as buffer:
+                        n = _lib.SSL_read(conn._ssl, buffer + pos, len(out) - pos)
+                    if n <= 0:
+                        conn._raise_ssl_error(conn._ssl, n)
+                else:
+                    n = conn.recv_into(memoryview(out)[pos:])
+                pos += n
             except SSL.WantReadError:
                 break
-            except SSL.ZeroReturnError:
-                self._eof = True
-                break
-            except SSL.SysCallError:
+            except (SSL.ZeroReturnError, SSL.SysCallError):  # close_notify, or a TCP close
                 self._eof = True
                 break
             except SSL.Error as exc:  # bad record, or a fatal alert from the peer
                 self._error = f"TLS error: {_ssl_error_text(exc)}"
                 break
-        return b"".join(parts)
+        return out, pos
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        chunks: list[bytes] = []
+        out = bytearray(len(view) + len(view) // 64 + 4 * RECORD)  # room for record overhead
+        pos = 0
         try:
             for start in range(0, len(view), SLICE):
                 self._conn.sendall(view[start : start + SLICE])
-                chunks.extend(self._drain_bio())
+                out, pos = self._drain_into(out, pos)
         except SSL.Error as exc:
             raise trio.BrokenResourceError(f"TLS error: {_ssl_error_text(exc)}") from None
-        await self._send_ciphertext(chunks)
+        del out[pos:]
+        await self._send_ciphertext(out)
 
-    def _drain_bio(self) -> list[bytes]:
-        chunks: list[bytes] = []
+    def _drain_into(self, out: bytearray, pos: int) -> tuple[bytearray, int]:
+        """All ciphertext OpenSSL has written, appended to `out` at `pos`."""
+        conn = self._conn
         while True:
-            try:
-                chunks.append(self._conn.bio_read(RECEIVE_SIZE))
-            except SSL.WantReadError:
-                return chunks
+            if len(out) - pos < RECORD:
+                out.extend(bytes(4 * RECORD))
+            if _FAST:
+                with _ffi.from_buffer(out) as buffer:
+                    n = _lib.BIO_read(conn._from_ssl, buffer + pos, len(out) - pos)
+                if n <= 0:
+                    return out, pos
+            else:
+                try:
+                    chunk = conn.bio_read(len(out) - pos)
+                except SSL.WantReadError:
+                    return out, pos
+                n = len(chunk)
+                out[pos : pos + n] = chunk
+            pos += n
 
     async def _flush(self) -> None:
-        chunks = self._drain_bio()
-        if chunks:
-            await self._send_ciphertext(chunks)
+        out, pos = self._drain_into(bytearray(4 * RECORD), 0)
+        if pos:
+            del out[pos:]
+            await self._send_ciphertext(out)
 
-    async def _send_ciphertext(self, chunks: list[bytes]) -> None:
+    async def _send_ciphertext(self, data: bytearray) -> None:
         """Ciphertext is drained from the BIO synchronously and sent in FIFO lock order, so
         records from the reading and the writing task leave in the order OpenSSL made them."""
-        if not chunks:
+        if not data:
             return
         async with self._send_lock:
-            await self.transport.send_all(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            await self.transport.send_all(data)
 
     async def _flush_quietly(self) -> None:
         try:
