@@ -1,8 +1,10 @@
 """The record of one association, and the log lines it becomes.
 
-One record per connection, filled in as the connection travels and written once when it ends. Logs
-read it now; metrics and the audit trail will read the same record, so field names are defined
-here once. It holds no secret: certificates appear only as subject and SHA-256 thumbprint.
+One record per connection, filled in as the connection travels and written once when it ends, by
+`emit`: the single place every association ends. The log line, the audit trail (`auditfile`) and the
+metrics (`metrics`) all read the same record there, so field names are defined here once and no
+counter can disagree with the log. It holds no secret: certificates appear only as subject and
+SHA-256 thumbprint.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, Outcome, Reason
 
@@ -43,6 +46,16 @@ class AssociationRecord:
     bytes_down: int = 0
     duration_s: float = 0.0
     started: float = field(default_factory=time.monotonic, repr=False)
+    tls_established: float = field(default=0.0, repr=False)  # monotonic; 0.0 = no TLS handshake
+
+    def handshake_done(self) -> None:
+        """Marks the end of the inbound TLS handshake, for the handshake-time histogram."""
+        self.tls_established = time.monotonic()
+
+    @property
+    def handshake_s(self) -> float | None:
+        """Seconds from accept to TLS established; None without a completed handshake."""
+        return self.tls_established - self.started if self.tls_established else None
 
     def finish(self, outcome: Outcome, reason: Reason, detail: str = "") -> None:
         if self.outcome:  # the first cause wins; later ones are consequences
@@ -55,6 +68,7 @@ class AssociationRecord:
     def fields(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("started")
+        data.pop("tls_established")
         return {"ts": _now(), "event": "association", **data}
 
 
@@ -97,7 +111,12 @@ def make_formatter(fmt: str, **extra: Any) -> logging.Formatter:
     return _Formatter(fmt, extra)
 
 
+worker_index: int | None = None  # this process's worker number with `workers = N`, else None
+
+
 def setup_logging(fmt: str = "text", level: str = "info", *, worker: int | None = None) -> None:
+    global worker_index
+    worker_index = worker
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(fmt, **({} if worker is None else {"worker": worker})))
     log.handlers[:] = [handler]
@@ -140,14 +159,93 @@ class RateLimiter:
 limiter = RateLimiter()
 
 
+class Sink(Protocol):
+    """Something fed every association and every audited event: the audit file, the metrics.
+    Called synchronously from the connection's task, so it must never block or wait."""
+
+    def association(self, record: AssociationRecord, fields: dict[str, Any]) -> None: ...
+
+    def event(self, fields: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """The proxy stops: make everything received durable."""
+
+
+_sinks: list[Sink] = []
+
+# Events an auditor needs besides the associations: when the proxy served, with which config, and
+# how it stopped. Chatty operational lines (stats, suppressed, warnings) stay in the log only.
+AUDITED_EVENTS = frozenset(
+    {
+        "started",
+        "listening",
+        "reloaded",
+        "reload-failed",
+        "stopping",
+        "draining",
+        "drain-timeout",
+        "stopping-now",
+        "stopped",
+    }
+)
+
+
+def attach(sink: Sink) -> None:
+    _sinks.append(sink)
+
+
+def detach(sink: Sink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
+@contextmanager
+def attached(*sinks: Sink | None) -> Iterator[None]:
+    """Feed these sinks while the block runs; on the way out (stop, or a crash) close them,
+    so the audit file is flushed and fsynced whatever ended the proxy."""
+    present = [sink for sink in sinks if sink is not None]
+    for sink in present:
+        attach(sink)
+    try:
+        yield
+    finally:
+        for sink in present:
+            detach(sink)
+            sink.close()
+
+
+_sink_errors = RateLimiter(burst=1, interval=60.0)
+
+
+def _feed(call: Callable[[Sink], None]) -> None:
+    """Hand something to every sink. A sink's bug must not end the connection task that is
+    reporting (it runs in a `finally`): it becomes one rate-limited error line."""
+    for sink in list(_sinks):
+        try:
+            call(sink)
+        except Exception:
+            if _sink_errors.allow(("sink", type(sink).__name__)):
+                log.exception(
+                    "sink failed",
+                    extra={"fields": {"ts": _now(), "event": "internal-error", "sink": str(sink)}},
+                )
+
+
 def emit(record: AssociationRecord) -> None:
-    """The one log line of an association: info when it completed, warning otherwise.
-    Refusals are rate-limited per source address and reason."""
-    if record.outcome in (Outcome.COMPLETED, ""):
-        log.info("association", extra={"fields": record.fields()})
-        return
-    if limiter.allow((record.peer.rpartition(":")[0], record.reason)):
-        log.warning("association", extra={"fields": record.fields()})
+    """The end of every association: one log line (info when it completed, warning otherwise;
+    refusals rate-limited per source address and reason), and every sink gets the record,
+    never rate-limited: the audit trail must hold every refusal, metrics must count them all."""
+    completed = record.outcome in (Outcome.COMPLETED, "")
+    logged = completed or limiter.allow((record.peer.rpartition(":")[0], record.reason))
+    if not logged and not _sinks:
+        return  # a flood of refusals costs no formatting
+    fields = record.fields()
+    if logged:
+        log.log(
+            logging.INFO if completed else logging.WARNING, "association", extra={"fields": fields}
+        )
+    if _sinks:
+        _feed(lambda sink: sink.association(record, fields))
 
 
 def flush_suppressed() -> None:
@@ -163,5 +261,10 @@ def flush_suppressed() -> None:
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """A log line that is not an association (start, stop, listening, warnings)."""
-    log.log(level, name, extra={"fields": {"ts": _now(), "event": name, **fields}})
+    """A log line that is not an association (start, stop, listening, warnings); those named in
+    AUDITED_EVENTS also go to the sinks (the audit file)."""
+    line = {"ts": _now(), "event": name, **fields}
+    log.log(level, name, extra={"fields": line})
+    if name in AUDITED_EVENTS and _sinks:
+        audited = {**line, "level": logging.getLevelName(level).lower()}
+        _feed(lambda sink: sink.event(audited))

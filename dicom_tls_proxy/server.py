@@ -9,6 +9,8 @@ gracefully (a bare close with unread input sends a TCP reset that can destroy th
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import ipaddress
 import logging
@@ -26,8 +28,11 @@ from OpenSSL import SSL
 
 from dicom_tls_proxy import audit, pdu, policy, routing, tls
 from dicom_tls_proxy.audit import AssociationRecord, event
+from dicom_tls_proxy.auditfile import AuditFile
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
 from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, load_config
+from dicom_tls_proxy.metrics import Metrics
+from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
 from dicom_tls_proxy.relay import relay
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
@@ -120,6 +125,8 @@ class Proxy:
     share: int = 1  # workers sharing the limits: each takes max_connections / share
     active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)  # pending and relayed, by source
+    relayed: int = 0  # associations that ended after relaying; housekeeping watches it
+    moved: int = 0  # bytes relayed, both ways
 
     def __post_init__(self) -> None:
         self.gen = Generation.build(self.config)
@@ -327,6 +334,7 @@ class Proxy:
                     )
             finally:
                 self.active -= 1
+                self.relayed += 1
         except Refused as refusal:
             if refusal.before_tls:
                 record.finish(Outcome.REFUSED, refusal.reason, refusal.detail)
@@ -426,6 +434,7 @@ class Proxy:
         tstream = await tls.TlsStream.accept(
             stream, gen.server_contexts[li.tls], table, initial=initial
         )
+        record.handshake_done()
         info = tstream.info()
         record.tls_version, record.cipher = info.version, info.cipher
         record.encryption, record.mac = info.encryption, info.mac
@@ -572,10 +581,35 @@ class Proxy:
         )
 
 
-async def _flush_suppressed_lines() -> None:
+async def _housekeeping(proxy: Proxy) -> None:
+    """Once a second: report suppressed log lines; and when traffic has gone quiet, give freed
+    memory back to the system. glibc keeps freed relay buffers (up to 256 KiB each) in its heap,
+    so a gateway that moved a burst of studies would otherwise keep that memory while idle."""
+    moved, relayed, dirty = proxy.moved, proxy.relayed, False
     while True:
         await trio.sleep(audit.limiter.interval)
         audit.flush_suppressed()
+        if (proxy.moved, proxy.relayed) != (moved, relayed):
+            moved, relayed, dirty = proxy.moved, proxy.relayed, True
+        elif dirty:
+            dirty = False
+            _trim_heap()
+
+
+def _trim_heap() -> None:
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only; musl has no need
+
+
+_LIBC = _load_libc()
 
 
 class StartError(Exception):
@@ -663,11 +697,22 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
     proxy = Proxy(config, share=share)
     # Bound before any nursery opens, so that a port in use is a plain StartError.
     bound = listeners_from_fds(config, listen) if listen else await bind_listeners(config)
+    trail, telemetry, metrics_sockets = await _open_sinks(config, proxy)
     code = 0
-    with pid_file(config.proxy.pid_file if listen is None else None):
+    with (
+        audit.attached(trail, telemetry),
+        pid_file(config.proxy.pid_file if listen is None else None),
+    ):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_flush_suppressed_lines)
-            await nursery.start(proxy.serve, bound)
+            nursery.start_soon(_housekeeping, proxy)
+            if trail is not None:
+                await nursery.start(trail.run)
+            if telemetry is not None:
+                await nursery.start(telemetry.serve, metrics_sockets)
+            addresses = await nursery.start(proxy.serve, bound)
+            if telemetry is not None:
+                telemetry.listening = addresses
+            event("started", config=str(config.path), listeners=addresses)
             sd_notify("READY=1")
             signals_wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
             with trio.open_signal_receiver(*signals_wanted) as signals:
@@ -692,8 +737,29 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
                         event("stopping-now", logging.WARNING, signal=name)
                         code = 1
                         nursery.cancel_scope.cancel()
-    event("stopped", code=code)
+        event("stopped", code=code)  # still inside `attached`: the audit file gets it
     return code
+
+
+async def _open_sinks(
+    config: Config, proxy: Proxy
+) -> tuple[AuditFile | None, Metrics | None, list[trio.SocketListener]]:
+    """The audit file and the metrics server of `[audit]` and `[metrics]`, if configured."""
+    trail = None
+    if config.audit.file is not None:
+        extra = {} if audit.worker_index is None else {"worker": audit.worker_index}
+        trail = AuditFile(config.audit.file, extra=extra)
+        trail.open()
+    if config.metrics.bind is None:
+        return trail, None, []
+    try:
+        sockets = await open_metrics_listeners(config.metrics.bind)
+    except OSError as exc:
+        raise StartError(
+            f"{config.path}: metrics.bind: cannot listen on {config.metrics.bind}: "
+            f"{os_error_text(exc)}"
+        ) from None
+    return trail, Metrics(proxy, trail), sockets
 
 
 @contextmanager
