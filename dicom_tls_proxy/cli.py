@@ -31,14 +31,7 @@ def _load(path: Path) -> Config:
         _fail(str(exc))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="dicom-tls-proxy")
-def main() -> None:
-    """A TLS front door for DICOM devices that cannot speak TLS (DICOM PS3.15 Annex B)."""
-
-
-@main.command()
-@click.option(
+config_option = click.option(
     "-c",
     "--config",
     "config_path",
@@ -46,6 +39,16 @@ def main() -> None:
     type=click.Path(path_type=Path),
     help="The TOML config file.",
 )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dicom-tls-proxy")
+def main() -> None:
+    """A TLS front door for DICOM devices that cannot speak TLS (DICOM PS3.15 Annex B)."""
+
+
+@main.command()
+@config_option
 def check(config_path: Path) -> None:
     """Load and validate a config: every file, key, password, CA and route. Exit 2 on errors."""
     config = _load(config_path)
@@ -77,14 +80,7 @@ def check(config_path: Path) -> None:
 
 
 @main.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The TOML config file.",
-)
+@config_option
 def run(config_path: Path) -> None:
     """Run the proxy in the foreground; logs go to stderr; SIGINT/SIGTERM stop it."""
     config = _load(config_path)
@@ -98,14 +94,7 @@ def run(config_path: Path) -> None:
 
 
 @main.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The TOML config file.",
-)
+@config_option
 def reload(config_path: Path) -> None:
     """Validate the config, then make the running proxy (named by `pid_file`) re-read it."""
     import os
@@ -127,7 +116,7 @@ def reload(config_path: Path) -> None:
 
 
 @main.command(hidden=True)
-@click.option("-c", "--config", "config_path", required=True, type=click.Path(path_type=Path))
+@config_option
 @click.option("--index", type=int, required=True)
 @click.option("--listen", required=True, help="NAME=FD,... sockets bound by the supervisor")
 def worker(config_path: Path, index: int, listen: str) -> None:

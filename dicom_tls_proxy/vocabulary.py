@@ -2,13 +2,17 @@
 
 Logs, metrics, the audit trail, tests and the README all read these names from here, so an operator
 who greps for ``reason=no-route`` finds the same word everywhere. This module must stay pure data:
-no I/O, no imports from the rest of the package.
+no I/O, and no imports from the package but the pure PDU codec.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+# The refusal PDUs are the codec's own objects: one definition of what an RJ or A-ABORT holds.
+from dicom_tls_proxy.pdu import Abort as Abort
+from dicom_tls_proxy.pdu import AssociateReject as Reject
 
 
 class Outcome(enum.StrEnum):
@@ -102,21 +106,17 @@ EXPLANATIONS: dict[Reason, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """An A-ASSOCIATE-RJ: result (1 permanent, 2 transient), source and reason (PS3.8 9.3.4)."""
-
-    result: int
-    source: int
-    reason: int
-
-
-@dataclass(frozen=True, slots=True)
-class Abort:
-    """An A-ABORT: source (0 service user, 2 service provider) and reason (PS3.8 9.3.8)."""
-
-    source: int
-    reason: int
+__all__ = [
+    "EXPLANATIONS",
+    "REFUSALS",
+    "TLS_REASONS",
+    "Abort",
+    "Answer",
+    "Close",
+    "Outcome",
+    "Reason",
+    "Reject",
+]
 
 
 @dataclass(frozen=True, slots=True)
