@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 
 # The refusal PDUs are the codec's own objects: one definition of what an RJ or A-ABORT holds.
-from dicom_tls_proxy.pdu import Abort as Abort
+from dicom_tls_proxy.pdu import Abort
 from dicom_tls_proxy.pdu import AssociateReject as Reject
 
 

@@ -553,3 +553,82 @@ def silent_listener(*, backlog_full: bool) -> Iterator[str]:
         for s in fillers:
             s.close()
         hole.close()
+
+
+# -- leak and memory checks (appended for tests/hostile) ------------------------------------------
+
+STAT_KEYS = ("connections", "associations", "tasks", "fds")
+
+
+def proxy_stats(proxy: ProxyProcess) -> dict[str, int]:
+    """What the proxy logs on SIGUSR1 (`event=stats`): connections, associations, tasks, fds.
+    Sends the signal and returns the first stats line logged after it."""
+    before = len(proxy.find(event="stats"))
+    os.kill(proxy.proc.pid, signal.SIGUSR1)
+    wait_until(lambda: len(proxy.find(event="stats")) > before, what="a stats line")
+    line = proxy.find(event="stats")[before]
+    return {k: int(line[k]) for k in STAT_KEYS}
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE (children inherit it) to at least `needed` if the
+    hard limit allows; returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from a socket (plain or TLS); EOFError if it closes first."""
+    parts, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise EOFError(f"closed after {got} of {n} bytes")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def recv_pdu(sock: socket.socket) -> bytes:
+    """One whole PDU, header included, without keeping it anywhere."""
+    head = recv_exact(sock, 6)
+    return head + recv_exact(sock, int.from_bytes(head[2:6], "big"))
+
+
+class RssSampler:
+    """Samples a process's VmRSS every 20 ms in a thread while entered; keeps the first and peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = self.first = vm_rss_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak = max(self.peak, vm_rss_kib(self.pid))
+            except (OSError, AssertionError):  # the process ended
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
