@@ -4,8 +4,9 @@ Why processes: one trio process uses one core; a department gateway has several.
 binds: a second `run` on the same ports then fails clearly (EADDRINUSE) instead of silently sharing
 them through SO_REUSEPORT, and every worker accepts from the same kernel queue. Workers are spawned
 as fresh interpreters (`dicom-tls-proxy worker`), never forked from inside `trio.run`, and in their
-own session, so a terminal's Ctrl-C reaches the parent only and is forwarded once. If a worker dies
-the parent stops the others and exits non-zero (restarting workers belongs to the operations work).
+own session, so a terminal's Ctrl-C reaches the parent only and is forwarded once. A worker that
+dies on its own is started again after a back-off (1 s, 2 s, 4 s ... 60 s); one that keeps dying
+right after it starts makes the parent give up, stop the others and exit non-zero.
 """
 
 from __future__ import annotations
@@ -24,6 +25,30 @@ from dicom_tls_proxy.server import StartError, bind_listeners, pid_file, sd_noti
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+FIRST_DELAY = 1.0  # seconds before the first restart; doubled on each further death
+MAX_DELAY = 60.0
+STABLE_AFTER = 60.0  # a worker that ran this long starts the back-off from FIRST_DELAY again
+QUICK_DEATH = 10.0  # a worker that dies this soon after it started "died immediately"
+QUICK_DEATHS = 5  # ... this many times in a row: the parent gives up
+
+
+class Backoff:
+    """When to restart one worker slot, or None once it keeps dying right after it starts."""
+
+    def __init__(self) -> None:
+        self.delay = FIRST_DELAY
+        self.quick = 0
+
+    def died(self, uptime: float) -> float | None:
+        if uptime >= STABLE_AFTER:
+            self.delay = FIRST_DELAY
+        self.quick = self.quick + 1 if uptime < QUICK_DEATH else 0
+        if self.quick >= QUICK_DEATHS:
+            return None
+        delay = self.delay
+        self.delay = min(self.delay * 2, MAX_DELAY)
+        return delay
+
 
 async def supervise(config: Config) -> int:
     try:
@@ -33,48 +58,80 @@ async def supervise(config: Config) -> int:
         return 1
     spec = ",".join(f"{li.name}={sl.socket.fileno()}" for li, sl in bound)
     fds = [sl.socket.fileno() for _, sl in bound]
-    workers: list[trio.Process] = []
+    workers: list[trio.Process] = []  # the current process of each worker slot
     # Only this process talks to systemd (NotifyAccess=main): workers get no NOTIFY_SOCKET.
     worker_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     failed = False
     stopping = False
+
+    async def spawn(index: int) -> trio.Process:
+        return await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "dicom_tls_proxy",
+                "worker",
+                "-c",
+                str(config.path),
+                "--index",
+                str(index),
+                "--listen",
+                spec,
+            ],
+            pass_fds=fds,
+            start_new_session=True,
+            env=worker_env,
+        )
+
     try:
         async with trio.open_nursery() as nursery:
 
-            async def watch(index: int, proc: trio.Process) -> None:
+            async def keep(index: int) -> None:
+                """Watch worker `index`; start it again when it dies unless we are stopping."""
                 nonlocal failed
-                code = await proc.wait()
-                if not stopping:
-                    failed = True
+                backoff = Backoff()
+                while True:
+                    started = trio.current_time()
+                    code = await workers[index].wait()
+                    if stopping:
+                        return
+                    delay = backoff.died(trio.current_time() - started)
+                    if delay is None:
+                        failed = True
+                        event(
+                            "worker-exited",
+                            logging.ERROR,
+                            worker=index,
+                            code=code,
+                            msg=f"the worker died {QUICK_DEATHS} times in a row within "
+                            f"{QUICK_DEATH:g}s of starting; stopping the others",
+                        )
+                        nursery.cancel_scope.cancel()
+                        return
                     event(
                         "worker-exited",
                         logging.ERROR,
                         worker=index,
                         code=code,
-                        msg="a worker died; stopping the others",
+                        msg=f"restarting it in {delay:g}s",
                     )
-                    nursery.cancel_scope.cancel()
+                    await trio.sleep(delay)
+                    if stopping:
+                        return
+                    try:
+                        proc = await spawn(index)
+                    except OSError as exc:  # counts as one more death, right after the start
+                        event("worker-start-failed", logging.ERROR, worker=index, msg=str(exc))
+                        continue
+                    workers[index] = proc
+                    if stopping:  # the stop signal came while it was being started
+                        proc.send_signal(signal.SIGTERM)
+                    event("worker-restarted", worker=index, code=code, delay=delay, pid=proc.pid)
 
             for index in range(config.proxy.workers):
-                proc = await trio.lowlevel.open_process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "dicom_tls_proxy",
-                        "worker",
-                        "-c",
-                        str(config.path),
-                        "--index",
-                        str(index),
-                        "--listen",
-                        spec,
-                    ],
-                    pass_fds=fds,
-                    start_new_session=True,
-                    env=worker_env,
-                )
-                workers.append(proc)
-                nursery.start_soon(watch, index, proc)
+                workers.append(await spawn(index))
+            for index in range(config.proxy.workers):
+                nursery.start_soon(keep, index)
             event("workers-started", workers=len(workers), pids=[p.pid for p in workers])
             sd_notify("READY=1")  # the sockets are bound: connections queue until a worker accepts
             with trio.open_signal_receiver(*FORWARDED) as signals:
@@ -90,8 +147,8 @@ async def supervise(config: Config) -> int:
                     if stopping:
                         break
             with trio.move_on_after(60):
-                for proc in workers:
-                    await proc.wait()
+                for index in range(len(workers)):
+                    await workers[index].wait()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
