@@ -102,6 +102,8 @@ class ProxySettings:
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
     file: Path | None = None  # JSON lines, one object per association and per event
+    syslog: Endpoint | None = None  # RFC 5425 collector for PS3.15 A.5 XML audit messages
+    syslog_tls: str | None = None  # the [tls.NAME] table the proxy connects to it with
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,10 @@ class Route:
     allow_calling_ae: tuple[str, ...]
     allow_peer: tuple[PeerMatcher, ...]
     allow_source: tuple[IPNetwork, ...]
+    health_check: bool = False  # a periodic C-ECHO to the upstream (server.health_checks)
+    health_check_interval: float = 60.0
+    health_check_timeout: float = 10.0
+    health_check_calling_ae: str = "DICOM_TLS_PROXY"
 
     @property
     def key_path(self) -> str:
@@ -414,6 +420,10 @@ _ROUTE_KEYS = {
     "allow_calling_ae",
     "allow_peer",
     "allow_source",
+    "health_check",
+    "health_check_interval",
+    "health_check_timeout",
+    "health_check_calling_ae",
 }
 
 
@@ -440,8 +450,7 @@ def _build(r: _Reader, data: dict[str, Any], now: datetime) -> Config:
     r.unknown(data, "", {"proxy", "tls", "listener", "route", "audit", "metrics"})
     proxy = _proxy(r, r.table(data.get("proxy", {}), "proxy"))
     audit_data = r.table(data.get("audit", {}), "audit")
-    r.unknown(audit_data, "audit", {"file"})
-    audit = AuditSettings(file=r.value(audit_data, "audit", "file", str, None, r.new_file))
+    audit = _audit(r, audit_data, data.get("tls", {}))
     metrics_data = r.table(data.get("metrics", {}), "metrics")
     r.unknown(metrics_data, "metrics", {"bind"})
     metrics = MetricsSettings(
@@ -486,6 +495,36 @@ def _build(r: _Reader, data: dict[str, Any], now: datetime) -> Config:
         warnings=tuple(r.warnings),
         audit=audit,
         metrics=metrics,
+    )
+
+
+def _audit(r: _Reader, d: dict[str, Any], tls_data: Any) -> AuditSettings:
+    """`[audit]`: the JSON-lines file, and the syslog collector (always over TLS, PS3.15 A.6)."""
+    r.unknown(d, "audit", {"file", "syslog", "syslog_tls"})
+    syslog = r.value(d, "audit", "syslog", str, None, parse_endpoint)
+    syslog_tls = r.value(d, "audit", "syslog_tls", str, None)
+    if syslog is not None and syslog.host in ("", "*"):
+        r.error("audit.syslog", "needs the collector's host name or address")
+    if "syslog" in d and "syslog_tls" not in d:
+        r.error(
+            "audit.syslog_tls",
+            "missing: audit messages go to the syslog collector over TLS only (DICOM PS3.15 "
+            "A.6, RFC 5425); name the [tls.NAME] table to connect with",
+        )
+    if syslog_tls is not None:
+        if "syslog" not in d:
+            r.error("audit.syslog_tls", "set without audit.syslog")
+        if not isinstance(tls_data, dict) or syslog_tls not in tls_data:
+            r.error("audit.syslog_tls", f"no [tls.{syslog_tls}] table")
+        elif isinstance(table := tls_data[syslog_tls], dict) and table.get("verify") == "none":
+            r.warn(
+                "audit.syslog_tls",
+                f'[tls.{syslog_tls}] has verify = "none": the collector is not authenticated',
+            )
+    return AuditSettings(
+        file=r.value(d, "audit", "file", str, None, r.new_file),
+        syslog=syslog,
+        syslog_tls=syslog_tls,
     )
 
 
@@ -758,6 +797,17 @@ def _routes(
         allow_calling_ae = r.string_list(d, key, "allow_calling_ae", _ae_glob)
         allow_peer = r.string_list(d, key, "allow_peer", parse_peer_matcher)
         allow_source = r.string_list(d, key, "allow_source", _network)
+        health_check = r.value(d, key, "health_check", bool, False)
+        interval = r.value(d, key, "health_check_interval", float, 60.0, _positive)
+        check_timeout = r.value(d, key, "health_check_timeout", float, 10.0, _positive)
+        check_ae = r.value(
+            d, key, "health_check_calling_ae", str, "DICOM_TLS_PROXY", validate_ae_title
+        )
+        if health_check and called_ae == "*" and upstream_called_ae is None:
+            r.error(
+                f"{key}.health_check",
+                "the fallback route has no Called AE to probe: set upstream_called_ae",
+            )
         if "listeners" in d:
             names = r.string_list(d, key, "listeners", lambda s: s)
             for j, ln in enumerate(names):
@@ -801,6 +851,10 @@ def _routes(
                     allow_calling_ae=allow_calling_ae,
                     allow_peer=allow_peer,
                     allow_source=allow_source,
+                    health_check=health_check,
+                    health_check_interval=interval,
+                    health_check_timeout=check_timeout,
+                    health_check_calling_ae=check_ae,
                 )
             )
     return out

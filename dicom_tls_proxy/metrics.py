@@ -45,6 +45,7 @@ from dicom_tls_proxy.vocabulary import Outcome
 if TYPE_CHECKING:
     from dicom_tls_proxy.auditfile import AuditFile
     from dicom_tls_proxy.server import Proxy
+    from dicom_tls_proxy.syslogsink import SyslogSink
 
 PREFIX = "dicom_tls_proxy"
 OTHER_ROUTE = "_other"
@@ -70,7 +71,9 @@ _REASONS = {
 class Metrics:
     """The proxy's metrics (a sink of `audit.emit`) and the HTTP server that shows them."""
 
-    def __init__(self, proxy: Proxy, trail: AuditFile | None = None) -> None:
+    def __init__(
+        self, proxy: Proxy, trail: AuditFile | None = None, syslog: SyslogSink | None = None
+    ) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series: noise
         self.proxy = proxy
         self.listening: list[str] | None = None  # bound addresses once every listener serves
@@ -119,7 +122,8 @@ class Metrics:
             registry=r,
         )
         r.register(_CertificateTimes(proxy))
-        r.register(_AuditCounters(trail))
+        r.register(_AuditCounters(trail, syslog))
+        r.register(_UpstreamHealth(proxy))
         self._errors = RateLimiter(burst=1, interval=60.0)
 
     # -- the sink interface -----------------------------------------------------------------
@@ -164,7 +168,11 @@ class Metrics:
                 "ready": self.ready,
                 "listeners": list(self.listening or []),
                 "config": str(self.proxy.gen.config.path),
-                "routes": {},  # upstream health (periodic C-ECHO) comes later
+                # Route health checks inform; they never make the proxy unready.
+                "routes": {
+                    name: health.as_json()
+                    for name, health in sorted(self.proxy.health.results.items())
+                },
             }
             return (
                 200 if self.ready else 503,
@@ -326,10 +334,12 @@ def _soonest(certs: list[x509.Certificate], now: datetime) -> float:
 
 
 class _AuditCounters(Collector):
-    """The audit file's counters, read from the writer at scrape time (0 without a file)."""
+    """The audit file's counters, read from the writer at scrape time (0 without a file), and
+    the syslog sink's (0 without `[audit] syslog`)."""
 
-    def __init__(self, trail: AuditFile | None) -> None:
+    def __init__(self, trail: AuditFile | None, syslog: SyslogSink | None = None) -> None:
         self.trail = trail
+        self.syslog = syslog
 
     def collect(self) -> Iterator[Metric]:
         dropped = CounterMetricFamily(
@@ -344,3 +354,44 @@ class _AuditCounters(Collector):
         )
         yield dropped
         yield failures
+        yield CounterMetricFamily(
+            f"{PREFIX}_audit_syslog_sent",
+            "Audit messages written to the syslog collector",
+            value=self.syslog.sent if self.syslog else 0,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_audit_syslog_dropped",
+            "Audit messages for the syslog collector lost: queue full, or still queued at stop",
+            value=self.syslog.dropped if self.syslog else 0,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_audit_syslog_failures",
+            "Failed connections to the syslog collector (refused, TLS failed, broken)",
+            value=self.syslog.failures if self.syslog else 0,
+        )
+
+
+class _UpstreamHealth(Collector):
+    """The last health check C-ECHO of each route with `health_check = true`, at scrape time."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            f"{PREFIX}_upstream_up",
+            "1 if the route's upstream answered the last health check C-ECHO, else 0",
+            labels=["route"],
+        )
+        took = GaugeMetricFamily(
+            f"{PREFIX}_upstream_check_seconds",
+            "How long the route's last health check took (connect, TLS, associate, C-ECHO)",
+            labels=["route"],
+        )
+        for name, health in sorted(self.proxy.health.results.items()):
+            if health.ok is None or health.rtt_ms is None:
+                continue  # not checked yet
+            up.add_metric([name], 1.0 if health.ok else 0.0)
+            took.add_metric([name], health.rtt_ms / 1000)
+        yield up
+        yield took

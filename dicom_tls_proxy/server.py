@@ -31,6 +31,7 @@ from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auditfile import AuditFile
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
 from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, load_config
+from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.metrics import Metrics
 from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
 from dicom_tls_proxy.relay import relay
@@ -43,6 +44,7 @@ from dicom_tls_proxy.streams import (
     os_error_text,
     read_pdu,
 )
+from dicom_tls_proxy.syslogsink import SyslogSink
 from dicom_tls_proxy.uids import uid_name
 from dicom_tls_proxy.vocabulary import REFUSALS, Abort, Close, Outcome, Reason, Reject
 
@@ -114,6 +116,7 @@ def fixed_settings(config: Config) -> dict[str, object]:
         "proxy.log_format": config.proxy.log_format,
         "metrics.bind": str(config.metrics.bind),
         "audit.file": str(config.audit.file),
+        "audit.syslog": f"{config.audit.syslog} {config.audit.syslog_tls}",
     }
 
 
@@ -136,6 +139,7 @@ class Proxy:
         self._accepting = trio.CancelScope()
         self._connections: trio.Nursery | None = None
         self._all_closed = trio.Event()
+        self.health = HealthChecks(self.config)  # run by `_run`; read by /readyz and /metrics
 
     @property
     def max_connections(self) -> int:
@@ -170,6 +174,7 @@ class Proxy:
             event("reload-failed", logging.ERROR, msg=f"TLS setup failed: {exc}")
             return False
         self.gen = gen
+        self.health.follow(config)
         for warning in config.warnings:
             event("config-warning", logging.WARNING, msg=warning)
         event("reloaded", listeners=len(config.listeners), routes=len(config.routes))
@@ -697,10 +702,10 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
     proxy = Proxy(config, share=share)
     # Bound before any nursery opens, so that a port in use is a plain StartError.
     bound = listeners_from_fds(config, listen) if listen else await bind_listeners(config)
-    trail, telemetry, metrics_sockets = await _open_sinks(config, proxy)
+    trail, syslog, telemetry, metrics_sockets = await _open_sinks(config, proxy)
     code = 0
     with (
-        audit.attached(trail, telemetry),
+        audit.attached(trail, syslog, telemetry),
         pid_file(config.proxy.pid_file if listen is None else None),
     ):
         async with trio.open_nursery() as nursery:
@@ -712,6 +717,8 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
             addresses = await nursery.start(proxy.serve, bound)
             if telemetry is not None:
                 telemetry.listening = addresses
+            if audit.worker_index in (None, 0):  # with workers = N, worker 0 checks for all
+                nursery.start_soon(proxy.health.run)
             event("started", config=str(config.path), listeners=addresses)
             sd_notify("READY=1")
             signals_wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
@@ -743,23 +750,30 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
 
 async def _open_sinks(
     config: Config, proxy: Proxy
-) -> tuple[AuditFile | None, Metrics | None, list[trio.SocketListener]]:
-    """The audit file and the metrics server of `[audit]` and `[metrics]`, if configured."""
+) -> tuple[AuditFile | None, SyslogSink | None, Metrics | None, list[trio.SocketListener]]:
+    """The audit file, the syslog collector and the metrics server of `[audit]` and `[metrics]`,
+    if configured."""
     trail = None
     if config.audit.file is not None:
         extra = {} if audit.worker_index is None else {"worker": audit.worker_index}
         trail = AuditFile(config.audit.file, extra=extra)
         trail.open()
+    syslog = None
+    if config.audit.syslog is not None and config.audit.syslog_tls is not None:
+        syslog = SyslogSink(config.audit.syslog, config.tls[config.audit.syslog_tls])
+        syslog.start()
     if config.metrics.bind is None:
-        return trail, None, []
+        return trail, syslog, None, []
     try:
         sockets = await open_metrics_listeners(config.metrics.bind)
     except OSError as exc:
+        if syslog is not None:
+            syslog.close()
         raise StartError(
             f"{config.path}: metrics.bind: cannot listen on {config.metrics.bind}: "
             f"{os_error_text(exc)}"
         ) from None
-    return trail, Metrics(proxy, trail), sockets
+    return trail, syslog, Metrics(proxy, trail, syslog), sockets
 
 
 @contextmanager

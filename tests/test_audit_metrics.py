@@ -267,7 +267,12 @@ def test_readyz_is_503_while_draining_and_before_listeners_are_up(
 ) -> None:
     from dicom_tls_proxy.metrics import Metrics
 
-    not_yet = SimpleNamespace(active=0, stopping=False, gen=SimpleNamespace(config=None))
+    not_yet = SimpleNamespace(
+        active=0,
+        stopping=False,
+        gen=SimpleNamespace(config=None),
+        health=SimpleNamespace(results={}),
+    )
     not_yet.gen.config = SimpleNamespace(path=tmp_path / "proxy.toml", routes=(), tls={})
     status, _, body = Metrics(not_yet).page("/readyz")  # type: ignore[arg-type]
     assert status == 503 and json.loads(body)["ready"] is False

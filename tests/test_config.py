@@ -174,6 +174,48 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "route[0].allow_calling_ae: expected a list",
     ),
     ("upstream missing", _set("route.0.upstream", None), "route[0].upstream: missing"),
+    (
+        "health_check not a boolean",
+        _set("route.0.health_check", "yes"),
+        "route[0].health_check: expected a boolean, got a string",
+    ),
+    (
+        "health_check_interval zero",
+        _set("route.0.health_check_interval", 0),
+        "route[0].health_check_interval: must be a positive number of seconds, got 0",
+    ),
+    (
+        "health_check_interval negative",
+        _set("route.0.health_check_interval", -5.0),
+        "route[0].health_check_interval: must be a positive",
+    ),
+    (
+        "health_check_interval not a number",
+        _set("route.0.health_check_interval", "60"),
+        "route[0].health_check_interval: expected a number",
+    ),
+    (
+        "health_check_timeout a boolean",
+        _set("route.0.health_check_timeout", True),
+        "route[0].health_check_timeout: expected a number",
+    ),
+    (
+        "health_check_calling_ae too long",
+        _set("route.0.health_check_calling_ae", "ABCDEFGHIJKLMNOPQ"),
+        "route[0].health_check_calling_ae: AE title",
+    ),
+    (
+        "health check on the fallback route without a Called AE",
+        lambda cfg: cfg["route"].append(
+            {
+                "called_ae": "*",
+                "listeners": ["plain"],
+                "upstream": "10.0.0.1:104",
+                "health_check": True,
+            }
+        ),
+        "route[2].health_check: the fallback route has no Called AE to probe",
+    ),
     ("zero workers", _set("proxy.workers", 0), "proxy.workers: must be between 1 and 64, got 0"),
     (
         "plaintext exception on a plaintext listener",
@@ -191,6 +233,23 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "listener: expected an array of tables",
     ),
 ]
+
+
+def test_health_check_keys_load(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    cfg["route"][1].update(
+        health_check=True, health_check_interval=0.5, health_check_calling_ae="PROBE"
+    )
+    fallback = {"called_ae": "*", "upstream": "10.0.0.1:104", "upstream_called_ae": "ANY"}
+    cfg["route"].append({**fallback, "listeners": ["plain"], "health_check": True})
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml_dumps(cfg))
+    ct, pacs, last = load_config(path).routes
+    assert (ct.health_check, ct.health_check_interval, ct.health_check_timeout) == (False, 60, 10)
+    assert ct.health_check_calling_ae == "DICOM_TLS_PROXY"
+    assert (pacs.health_check, pacs.health_check_interval) == (True, 0.5)
+    assert pacs.health_check_calling_ae == "PROBE"
+    assert last.health_check and last.called_ae == "*"
 
 
 @pytest.mark.parametrize(("name", "mutate", "expected"), BROKEN, ids=[b[0] for b in BROKEN])

@@ -1,0 +1,576 @@
+"""`[audit] syslog`: DICOM audit messages (PS3.15 A.5) over syslog TLS (A.6, RFC 5424/5425).
+
+A real TLS syslog receiver (a thread, the dev PKI, octet-counted frames) and real proxy processes;
+the messages are checked as RFC 5424 and against the A.5.1 schema transcribed below. The pure
+builders and the alert rate limiter are tested on their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import socket
+import ssl
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_tls_proxy import pdu
+from dicom_tls_proxy.audit import AssociationRecord
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.syslogsink import (
+    Alert,
+    AlertLimiter,
+    Identity,
+    SyslogSink,
+    alert_of,
+    application_activity,
+    frame,
+    security_alert,
+    syslog_message,
+)
+from dicom_tls_proxy.vocabulary import Outcome, Reason
+from tests.support import (
+    TIMEOUT,
+    RawClient,
+    build_rq,
+    client_ssl_context,
+    free_port,
+    pacs_identities,
+    running_proxy,
+    toml_dumps,
+    wait_until,
+)
+from tests.test_audit_metrics import metrics_address, refused_by_tls, scrape, value
+
+# -- PS3.15 A.5.1, the DICOM audit message schema, transcribed --------------------------------
+#
+# Each element: required attributes (name -> allowed values, None = any non-empty token), optional
+# attributes, and its content model as a regular expression over the child element names (each
+# followed by a space), as the RELAX NG of A.5.1 orders them.
+
+CODED: dict[str, Any] = {
+    "required": {"csd-code": None, "codeSystemName": None, "originalText": None},
+    "optional": {"displayName": None},
+    "children": r"",
+}
+XSD_DATETIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
+SCHEMA: dict[str, dict[str, Any]] = {
+    "AuditMessage": {
+        "required": {},
+        "optional": {},
+        "children": r"EventIdentification (ActiveParticipant )+AuditSourceIdentification "
+        r"(ParticipantObjectIdentification )*",
+    },
+    "EventIdentification": {
+        "required": {
+            "EventDateTime": XSD_DATETIME,
+            "EventOutcomeIndicator": {"0", "4", "8", "12"},
+        },
+        "optional": {"EventActionCode": {"C", "R", "U", "D", "E"}},
+        "children": r"EventID (EventTypeCode )*(EventOutcomeDescription )?(PurposeOfUse )*",
+    },
+    "EventID": CODED,
+    "EventTypeCode": CODED,
+    "RoleIDCode": CODED,
+    "ParticipantObjectIDTypeCode": CODED,
+    "ActiveParticipant": {
+        "required": {"UserID": None, "UserIsRequestor": {"true", "false"}},
+        "optional": {
+            "AlternativeUserID": None,
+            "UserName": None,
+            "NetworkAccessPointID": None,
+            "NetworkAccessPointTypeCode": {"1", "2", "3", "4", "5"},
+        },
+        "children": r"(RoleIDCode )*(MediaIdentifier )?",
+    },
+    "AuditSourceIdentification": {
+        "required": {"AuditSourceID": None},
+        "optional": {"AuditEnterpriseSiteID": None},
+        "children": r"(AuditSourceTypeCode )*",
+    },
+    "ParticipantObjectIdentification": {
+        "required": {"ParticipantObjectID": None},
+        "optional": {
+            "ParticipantObjectTypeCode": {"1", "2", "3", "4"},
+            "ParticipantObjectTypeCodeRole": {str(n) for n in range(1, 25)},
+            "ParticipantObjectDataLifeCycle": {str(n) for n in range(1, 16)},
+            "ParticipantObjectSensitivity": None,
+        },
+        "children": r"ParticipantObjectIDTypeCode "
+        r"((ParticipantObjectName |ParticipantObjectQuery ))?"
+        r"(ParticipantObjectDetail )*(ParticipantObjectDescription )*",
+    },
+    "ParticipantObjectDetail": {
+        "required": {"type": None, "value": re.compile(r"[A-Za-z0-9+/=]*")},
+        "optional": {},
+        "children": r"",
+    },
+}
+
+
+def validate(element: ET.Element) -> None:
+    """Raise AssertionError where `element` departs from the transcribed A.5.1 schema."""
+    spec = SCHEMA.get(element.tag)
+    assert spec is not None, f"element {element.tag} is not in the schema"
+    allowed = {**spec["required"], **spec["optional"]}
+    for name in spec["required"]:
+        assert element.get(name), f"{element.tag} lacks {name}"
+    for name, text in element.attrib.items():
+        assert name in allowed, f"{element.tag} has unknown attribute {name}"
+        rule = allowed[name]
+        assert text.strip(), f"{element.tag}@{name} is empty"
+        if isinstance(rule, set):
+            assert text in rule, f"{element.tag}@{name} = {text!r}, expected one of {rule}"
+        elif isinstance(rule, re.Pattern):
+            assert rule.fullmatch(text), f"{element.tag}@{name} = {text!r}"
+    sequence = "".join(f"{child.tag} " for child in element)
+    assert re.fullmatch(spec["children"], sequence), f"{element.tag} children: {sequence!r}"
+    for child in element:
+        validate(child)
+
+
+# -- RFC 5424 ------------------------------------------------------------------------------
+
+HEADER = re.compile(
+    rb"<(?P<pri>\d{1,3})>1 (?P<ts>\S+) (?P<host>[!-~]{1,255}) (?P<app>[!-~]{1,48}) "
+    rb"(?P<procid>[!-~]{1,128}) (?P<msgid>[!-~]{1,32}) (?P<sd>-) (?P<msg>.*)",
+    re.DOTALL,
+)
+
+
+def parse_message(message: bytes) -> tuple[re.Match[bytes], ET.Element]:
+    """An RFC 5424 SYSLOG-MSG from the proxy: the header match, and its valid audit message."""
+    m = HEADER.fullmatch(message)
+    assert m, message[:200]
+    assert int(m["pri"]) // 8 == 10  # facility: security/authorization
+    assert XSD_DATETIME.fullmatch(m["ts"].decode())
+    assert m["app"] == b"dicom-tls-proxy" and m["msgid"] == b"DICOM+RFC3881"
+    msg = m["msg"]
+    assert msg.startswith(b"\xef\xbb\xbf")  # MSG-UTF8: the BOM, then UTF-8
+    root = ET.fromstring(msg[3:].decode("utf-8"))
+    assert root.tag == "AuditMessage"
+    validate(root)
+    return m, root
+
+
+def codes(root: ET.Element) -> tuple[str, str, str]:
+    """(EventID, EventTypeCode, EventOutcomeIndicator) of an audit message."""
+    ident = root.find("EventIdentification")
+    assert ident is not None
+    event_id, type_code = ident.find("EventID"), ident.find("EventTypeCode")
+    assert event_id is not None and type_code is not None
+    for code in (event_id, type_code):
+        assert code.get("codeSystemName") == "DCM"
+    return (
+        event_id.get("csd-code", ""),
+        type_code.get("csd-code", ""),
+        ident.get("EventOutcomeIndicator", ""),
+    )
+
+
+def details(root: ET.Element) -> dict[str, str]:
+    return {
+        d.get("type", ""): base64.b64decode(d.get("value", "")).decode()
+        for d in root.iter("ParticipantObjectDetail")
+    }
+
+
+# -- the receiver ----------------------------------------------------------------------------
+
+
+class Receiver:
+    """A TLS syslog collector (RFC 5425) on 127.0.0.1: mutual TLS with the dev PKI, frames kept."""
+
+    def __init__(self, pki: Path, port: int = 0) -> None:
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+        self.ctx.load_cert_chain(str(pki / "proxy.pem"), str(pki / "proxy.key"))
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(8)
+        self.port = int(self.listener.getsockname()[1])
+        self.address = f"127.0.0.1:{self.port}"
+        self.messages: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT * 4)
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tconn:
+                with self._lock:
+                    self.connections += 1
+                    self._open.append(tconn)
+                buf = b""
+                while True:
+                    while (m := re.match(rb"([1-9]\d{0,8}) ", buf)) and len(buf) >= m.end() + int(
+                        m[1]
+                    ):
+                        end = m.end() + int(m[1])
+                        with self._lock:
+                            self.messages.append(buf[m.end() : end])
+                        buf = buf[end:]
+                    assert len(buf) < 1 << 20 and (not buf or buf[:1].isdigit()), buf[:50]
+                    data = tconn.recv(65536)
+                    if not data:
+                        assert not buf, f"cut frame: {buf[:50]!r}"
+                        return
+                    buf += data
+        except (ssl.SSLError, OSError):
+            pass
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def audit(self) -> list[ET.Element]:
+        with self._lock:
+            messages = list(self.messages)
+        return [parse_message(m)[1] for m in messages]
+
+    def wait_for(self, event_id: str, type_code: str, count: int = 1) -> list[ET.Element]:
+        def found() -> list[ET.Element] | None:
+            hits = [r for r in self.audit() if codes(r)[:2] == (event_id, type_code)]
+            return hits if len(hits) >= count else None
+
+        return wait_until(found, what=f"{count} audit message(s) {event_id}/{type_code}")  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop listening and cut every connection (shutdown: a blocked accept or recv in
+        another thread keeps a merely closed socket alive)."""
+        with self._lock:
+            sockets = [self.listener, *self._open]
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+@contextmanager
+def receiver(pki: Path, port: int = 0) -> Iterator[Receiver]:
+    r = Receiver(pki, port)
+    try:
+        yield r
+    finally:
+        r.close()
+    assert not r.errors, r.errors
+
+
+def config(pki: Path, collector: str, *, metrics: bool = False) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "proxy": {"log_format": "json"},
+        "tls": {
+            "in": {
+                "certificate": pki / "proxy.pem",
+                "private_key": pki / "proxy.key",
+                "ca": pki / "ca.pem",
+            },
+            "collector": {
+                "certificate": pki / "proxy.pem",
+                "private_key": pki / "proxy.key",
+                "ca": pki / "ca.pem",
+            },
+        },
+        "listener": [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}],
+        "route": [{"called_ae": "CT", "upstream": "127.0.0.1:9", "allow_calling_ae": ["ALLOWED*"]}],
+        "audit": {"syslog": collector, "syslog_tls": "collector"},
+    }
+    if metrics:
+        cfg["metrics"] = {"bind": "127.0.0.1:0"}
+    return cfg
+
+
+def refused_calling_ae(address: tuple[str, int], pki: Path) -> None:
+    client = RawClient(
+        address, client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    )
+    try:
+        client.send(build_rq("CT", "INTRUDER"))
+        assert client.read_pdu() == pdu.encode_reject(1, 1, 3)
+    finally:
+        client.close()
+
+
+SECURITY_ALERT, NODE_AUTHENTICATION = "110113", "110126"
+APPLICATION_ACTIVITY, START, STOP = "110100", "110120", "110121"
+
+
+# -- behaviour ---------------------------------------------------------------------------------
+
+
+def test_start_alerts_and_stop_reach_the_collector(tmp_path: Path, pki: Path) -> None:
+    foreign_key, foreign_cert = pacs_identities(tmp_path, pki)["foreign"]
+    foreign = client_ssl_context(pki / "ca.pem", foreign_cert, foreign_key)
+    with receiver(pki) as collector:
+        with running_proxy(tmp_path, config(pki, collector.address, metrics=True)) as proxy:
+            address = proxy.address("tls")
+            (start,) = collector.wait_for(APPLICATION_ACTIVITY, START)
+            participants = start.findall("ActiveParticipant")
+            assert participants[0].get("UserID") == "dicom-tls-proxy"
+            assert participants[0].get("UserIsRequestor") == "false"
+            role = participants[0].find("RoleIDCode")
+            assert role is not None and role.get("csd-code") == "110150"
+
+            refused_by_tls(address, foreign)  # a client certificate from another CA
+            refused_calling_ae(address, pki)
+            alerts = collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION, 2)
+            by_reason = {details(a)["Reason"]: a for a in alerts}
+            assert set(by_reason) == {"tls-untrusted", "calling-ae-not-allowed"}
+
+            untrusted = by_reason["tls-untrusted"]
+            assert codes(untrusted)[2] == "8"  # serious: an identity the proxy refuses
+            ident = untrusted.find("EventIdentification")
+            assert ident is not None and ident.get("EventActionCode") == "E"
+            node = untrusted.findall("ActiveParticipant")[1]
+            assert node.get("UserIsRequestor") == "true"
+            assert node.get("NetworkAccessPointID") == "127.0.0.1"
+            assert node.get("NetworkAccessPointTypeCode") == "2"
+            assert "foreign-pacs" in node.get("UserName", "")
+            subject = untrusted.find("ParticipantObjectIdentification")
+            assert subject is not None
+            assert subject.get("ParticipantObjectID", "").startswith("127.0.0.1:")
+            assert len(details(untrusted)["Certificate SHA-256"]) > 0
+
+            ae = by_reason["calling-ae-not-allowed"]
+            assert codes(ae)[2] == "4"
+            assert ae.findall("ActiveParticipant")[1].get("AlternativeUserID") == (
+                "AETITLES=INTRUDER"
+            )
+            source = ae.find("AuditSourceIdentification")
+            assert source is not None and source.get("AuditSourceID") == socket.gethostname()
+
+            web = metrics_address(proxy)
+            wait_until(
+                lambda: value(scrape(web), "dicom_tls_proxy_audit_syslog_sent_total") >= 3,
+                what="sent messages counted",
+            )
+            assert value(scrape(web), "dicom_tls_proxy_audit_syslog_dropped_total") == 0
+        # Stopped: the Application Stop went out before the process ended.
+        collector.wait_for(APPLICATION_ACTIVITY, STOP)
+        with collector._lock:
+            raw = list(collector.messages)
+        severities = {int(HEADER.fullmatch(m)["pri"]) % 8 for m in raw}  # type: ignore[index]
+        assert severities == {4, 5}  # warning for alerts, notice for start and stop
+
+
+def test_collector_down_at_start_then_up_gets_what_was_queued(tmp_path: Path, pki: Path) -> None:
+    port = free_port()
+    with running_proxy(tmp_path, config(pki, f"127.0.0.1:{port}")) as proxy:
+        failed = proxy.wait_for(event="syslog-failed")
+        assert failed["level"] == "error" and failed["queued"] >= 1
+        refused_calling_ae(proxy.address("tls"), pki)  # traffic goes on meanwhile
+        proxy.association(reason="calling-ae-not-allowed")
+        with receiver(pki, port) as collector:
+            collector.wait_for(APPLICATION_ACTIVITY, START)
+            (alert,) = collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+            assert details(alert)["Reason"] == "calling-ae-not-allowed"
+            proxy.wait_for(event="syslog-recovered")
+            # The collector goes away and comes back: the next alert waits, then arrives.
+            collector.close()
+        # Another reason: the same one again within ALERT_INTERVAL would only be counted.
+        plaintext = RawClient(proxy.address("tls"))
+        try:
+            plaintext.send(build_rq("CT", "ALLOWED_SCU"))
+            assert plaintext.read_pdu() == pdu.encode_reject(1, 1, 1)
+        finally:
+            plaintext.close()
+        proxy.association(reason="plaintext-on-tls")
+        with receiver(pki, port) as again:
+            (alert,) = again.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+            assert details(alert)["Reason"] == "plaintext-on-tls"
+
+
+# -- the builders, pure ---------------------------------------------------------------------
+
+ME = Identity(hostname="gateway.example.org", pid=4242, user="dicom", source_id="")
+WHEN = datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
+
+
+def record(
+    reason: Reason, outcome: Outcome = Outcome.TLS_FAILED, **fields: Any
+) -> AssociationRecord:
+    r = AssociationRecord(listener="tls", peer="10.1.2.3:40000", **fields)
+    r.finish(outcome, reason)
+    return r
+
+
+@pytest.mark.parametrize("start", [True, False])
+def test_application_activity_is_valid(start: bool) -> None:
+    xml = application_activity(start, ME, WHEN)
+    m, root = parse_message(syslog_message(xml, severity=5, me=ME, when=WHEN))
+    assert m["pri"] == b"85" and m["host"] == b"gateway.example.org" and m["procid"] == b"4242"
+    assert m["ts"] == b"2024-05-06T07:08:09.123Z"
+    assert codes(root) == (APPLICATION_ACTIVITY, START if start else STOP, "0")
+    app, launcher = root.findall("ActiveParticipant")
+    assert app.get("AlternativeUserID") == "4242"
+    assert launcher.get("UserID") == "dicom" and launcher.get("UserIsRequestor") == "true"
+    role = launcher.find("RoleIDCode")
+    assert role is not None and role.get("originalText") == "Application Launcher"
+    source = root.find("AuditSourceIdentification")
+    assert source is not None and source.get("AuditSourceID") == "gateway.example.org"
+
+
+@pytest.mark.parametrize(
+    ("reason", "outcome"),
+    [
+        (Reason.TLS_UNTRUSTED, "8"),
+        (Reason.TLS_THUMBPRINT_MISMATCH, "8"),
+        (Reason.TLS_REVOKED, "8"),
+        (Reason.PEER_NOT_ALLOWED, "8"),
+        (Reason.TLS_EXPIRED, "4"),
+        (Reason.TLS_PROTOCOL, "4"),
+        (Reason.PLAINTEXT_ON_TLS, "4"),
+        (Reason.TLS_ON_PLAINTEXT, "4"),
+        (Reason.CALLING_AE_NOT_ALLOWED, "4"),
+        (Reason.SOURCE_NOT_ALLOWED, "4"),
+    ],
+)
+def test_refusals_become_node_authentication_alerts(reason: Reason, outcome: str) -> None:
+    alert = alert_of(record(reason, calling_ae="CT_SCU", peer_subject="CN=x", peer_sha256="ab"))
+    assert alert is not None and alert.source == "10.1.2.3"
+    _, root = parse_message(
+        syslog_message(security_alert(alert, ME, WHEN), severity=4, me=ME, when=WHEN)
+    )
+    assert codes(root) == (SECURITY_ALERT, NODE_AUTHENTICATION, outcome)
+    assert details(root)["Reason"] == reason.value
+
+
+def test_upstream_refused_by_the_proxy_is_the_alert_subject() -> None:
+    r = record(Reason.UPSTREAM_TLS_FAILED, Outcome.REJECTED, upstream="pacs.example.org:2762")
+    alert = alert_of(r)
+    assert alert is not None and alert.node == "pacs.example.org:2762" and not alert.requestor
+    root = ET.fromstring(security_alert(alert, ME, WHEN))
+    validate(root)
+    proxy, upstream = root.findall("ActiveParticipant")
+    assert proxy.get("UserIsRequestor") == "true" and upstream.get("UserIsRequestor") == "false"
+    assert upstream.get("NetworkAccessPointTypeCode") == "1"  # a machine name
+
+
+@pytest.mark.parametrize(
+    "reason", [Reason.RELEASED, Reason.NO_ROUTE, Reason.IDLE_TIMEOUT, Reason.UPSTREAM_UNREACHABLE]
+)
+def test_other_endings_are_no_alert(reason: Reason) -> None:
+    assert alert_of(record(reason, Outcome.COMPLETED)) is None
+
+
+def test_xml_special_characters_are_escaped() -> None:
+    alert = Alert("tls-untrusted", 8, "10.0.0.1:1", 'a <b> & "c"', subject='CN=<&">')
+    root = ET.fromstring(security_alert(alert, ME, WHEN))
+    validate(root)
+    assert root.findall("ActiveParticipant")[1].get("UserName") == 'CN=<&">'
+
+
+def test_frame_is_octet_counted() -> None:
+    message = syslog_message("<AuditMessage/>", severity=5, me=ME, when=WHEN)
+    framed = frame(message)
+    length, _, rest = framed.partition(b" ")
+    assert int(length) == len(rest) == len(message) and rest == message
+    assert frame("é".encode()) == b"2 \xc3\xa9"  # octets, not characters
+
+
+def test_identical_alerts_are_one_per_interval() -> None:
+    now = [0.0]
+    limiter = AlertLimiter(60.0, clock=lambda: now[0])
+    a = Alert("tls-untrusted", 8, "10.0.0.1:5000", "x")
+    other_port = Alert("tls-untrusted", 8, "10.0.0.1:5001", "y")
+    other_reason = Alert("tls-expired", 4, "10.0.0.1:5002", "z")
+    assert limiter.admit(a)
+    assert not limiter.admit(other_port)  # same source (host) and reason
+    assert not limiter.admit(a)
+    assert limiter.admit(other_reason)
+    now[0] = 30.0
+    assert limiter.due() == []
+    now[0] = 60.0
+    (summary,) = limiter.due()
+    assert summary.repeats == 2 and summary.description == "x"
+    root = ET.fromstring(security_alert(summary, ME, WHEN))
+    validate(root)
+    assert details(root)["Repeats"] == "2"
+    # Still flooding: counted into the next interval, not sent at once.
+    assert not limiter.admit(a)
+    now[0] = 121.0
+    assert [s.repeats for s in limiter.due()] == [1]
+    now[0] = 200.0
+    assert limiter.due() == []  # quiet for an interval: forgotten
+    assert limiter.admit(a)
+    assert not limiter.admit(a)
+    assert [s.repeats for s in limiter.due(everything=True)] == [1]  # at stop
+
+
+def test_full_queue_drops_and_counts(tmp_path: Path, pki: Path) -> None:
+    loaded = load_config(write(tmp_path, config(pki, "127.0.0.1:6514")))
+    sink = SyslogSink(loaded.audit.syslog, loaded.tls["collector"], identity=ME, capacity=2)  # type: ignore[arg-type]
+    for _ in range(3):
+        sink.put(b"x")
+    assert sink.queued() == 2 and sink.dropped == 1
+    sink.close()  # never started: what is queued is lost, and counted
+    assert sink.dropped == 3 and sink.queued() == 0
+    sink.put(b"late")
+    assert sink.dropped == 4
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, cfg: dict[str, Any]) -> Path:
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml_dumps(cfg))
+    return path
+
+
+def problems(tmp_path: Path, cfg: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, cfg))
+    return caught.value.problems
+
+
+def test_config_loads_syslog(tmp_path: Path, pki: Path) -> None:
+    loaded = load_config(write(tmp_path, config(pki, "collector.example.org:6514")))
+    assert str(loaded.audit.syslog) == "collector.example.org:6514"
+    assert loaded.audit.syslog_tls == "collector"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda a: a.pop("syslog_tls"), "audit.syslog_tls: missing: audit messages go to the"),
+        (lambda a: a.update(syslog_tls="nowhere"), "audit.syslog_tls: no [tls.nowhere] table"),
+        (lambda a: a.pop("syslog"), "audit.syslog_tls: set without audit.syslog"),
+        (lambda a: a.update(syslog="collector"), "audit.syslog: expected host:port"),
+        (lambda a: a.update(syslog="*:6514"), "audit.syslog: needs the collector's host"),
+        (lambda a: a.update(syslog_port=6514), "audit.syslog_port: unknown key"),
+    ],
+)
+def test_config_refuses(
+    tmp_path: Path, pki: Path, change: Callable[[dict[str, Any]], object], expected: str
+) -> None:
+    cfg = config(pki, "127.0.0.1:6514")
+    change(cfg["audit"])
+    found = problems(tmp_path, cfg)
+    assert any(expected in p for p in found), found
+
+
+def test_unauthenticated_collector_warns(tmp_path: Path, pki: Path) -> None:
+    cfg = config(pki, "127.0.0.1:6514")
+    cfg["tls"]["collector"] = {"verify": "none"}
+    loaded = load_config(write(tmp_path, cfg))
+    assert any("collector is not authenticated" in w for w in loaded.warnings)
