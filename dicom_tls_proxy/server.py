@@ -601,6 +601,17 @@ async def _housekeeping(proxy: Proxy) -> None:
             _trim_heap()
 
 
+def _die_with_parent() -> None:
+    """A worker asks the kernel for SIGTERM (a graceful drain) when its supervisor dies, even by
+    SIGKILL: workers run in their own session and would otherwise be orphaned, still serving."""
+    if _LIBC is None or not hasattr(_LIBC, "prctl"):
+        return
+    pr_set_pdeathsig = 1
+    _LIBC.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _trim_heap() -> None:
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
@@ -708,21 +719,22 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
         audit.attached(trail, syslog, telemetry),
         pid_file(config.proxy.pid_file if listen is None else None),
     ):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_housekeeping, proxy)
-            if trail is not None:
-                await nursery.start(trail.run)
-            if telemetry is not None:
-                await nursery.start(telemetry.serve, metrics_sockets)
-            addresses = await nursery.start(proxy.serve, bound)
-            if telemetry is not None:
-                telemetry.listening = addresses
-            if audit.worker_index in (None, 0):  # with workers = N, worker 0 checks for all
-                nursery.start_soon(proxy.health.run)
-            event("started", config=str(config.path), listeners=addresses)
-            sd_notify("READY=1")
-            signals_wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
-            with trio.open_signal_receiver(*signals_wanted) as signals:
+        # Signals are caught before READY=1: a stop right after start drains like any other.
+        signals_wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+        with trio.open_signal_receiver(*signals_wanted) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_housekeeping, proxy)
+                if trail is not None:
+                    await nursery.start(trail.run)
+                if telemetry is not None:
+                    await nursery.start(telemetry.serve, metrics_sockets)
+                addresses = await nursery.start(proxy.serve, bound)
+                if telemetry is not None:
+                    telemetry.listening = addresses
+                if audit.worker_index in (None, 0):  # with workers = N, worker 0 checks for all
+                    nursery.start_soon(proxy.health.run)
+                event("started", config=str(config.path), listeners=addresses)
+                sd_notify("READY=1")
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if signum == signal.SIGUSR1:
@@ -805,6 +817,8 @@ def sd_notify(state: str) -> None:
 
 def serve_forever(config: Config, *, listen: str | None = None, worker: int | None = None) -> int:
     """Run one proxy process: the only one, or worker `worker` on sockets passed as `listen`."""
+    if worker is not None:
+        _die_with_parent()
     audit.setup_logging(config.proxy.log_format, config.proxy.log_level, worker=worker)
     if worker is None:
         for warning in config.warnings:

@@ -83,58 +83,64 @@ async def supervise(config: Config) -> int:
             env=worker_env,
         )
 
-    try:
-        async with trio.open_nursery() as nursery:
+    # Signals are caught before any worker exists: a SIGTERM right after start must stop the
+    # workers too, never kill the parent alone and leave them running.
+    with trio.open_signal_receiver(*FORWARDED) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def keep(index: int) -> None:
-                """Watch worker `index`; start it again when it dies unless we are stopping."""
-                nonlocal failed
-                backoff = Backoff()
-                while True:
-                    started = trio.current_time()
-                    code = await workers[index].wait()
-                    if stopping:
-                        return
-                    delay = backoff.died(trio.current_time() - started)
-                    if delay is None:
-                        failed = True
+                async def keep(index: int) -> None:
+                    """Watch worker `index`; start it again when it dies unless we are stopping."""
+                    nonlocal failed
+                    backoff = Backoff()
+                    while True:
+                        started = trio.current_time()
+                        code = await workers[index].wait()
+                        if stopping:
+                            return
+                        delay = backoff.died(trio.current_time() - started)
+                        if delay is None:
+                            failed = True
+                            event(
+                                "worker-exited",
+                                logging.ERROR,
+                                worker=index,
+                                code=code,
+                                msg=f"the worker died {QUICK_DEATHS} times in a row within "
+                                f"{QUICK_DEATH:g}s of starting; stopping the others",
+                            )
+                            nursery.cancel_scope.cancel()
+                            return
                         event(
                             "worker-exited",
                             logging.ERROR,
                             worker=index,
                             code=code,
-                            msg=f"the worker died {QUICK_DEATHS} times in a row within "
-                            f"{QUICK_DEATH:g}s of starting; stopping the others",
+                            msg=f"restarting it in {delay:g}s",
                         )
-                        nursery.cancel_scope.cancel()
-                        return
-                    event(
-                        "worker-exited",
-                        logging.ERROR,
-                        worker=index,
-                        code=code,
-                        msg=f"restarting it in {delay:g}s",
-                    )
-                    await trio.sleep(delay)
-                    if stopping:
-                        return
-                    try:
-                        proc = await spawn(index)
-                    except OSError as exc:  # counts as one more death, right after the start
-                        event("worker-start-failed", logging.ERROR, worker=index, msg=str(exc))
-                        continue
-                    workers[index] = proc
-                    if stopping:  # the stop signal came while it was being started
-                        proc.send_signal(signal.SIGTERM)
-                    event("worker-restarted", worker=index, code=code, delay=delay, pid=proc.pid)
+                        await trio.sleep(delay)
+                        if stopping:
+                            return
+                        try:
+                            proc = await spawn(index)
+                        except OSError as exc:  # counts as one more death, right after the start
+                            event("worker-start-failed", logging.ERROR, worker=index, msg=str(exc))
+                            continue
+                        workers[index] = proc
+                        if stopping:  # the stop signal came while it was being started
+                            proc.send_signal(signal.SIGTERM)
+                        event(
+                            "worker-restarted", worker=index, code=code, delay=delay, pid=proc.pid
+                        )
 
-            for index in range(config.proxy.workers):
-                workers.append(await spawn(index))
-            for index in range(config.proxy.workers):
-                nursery.start_soon(keep, index)
-            event("workers-started", workers=len(workers), pids=[p.pid for p in workers])
-            sd_notify("READY=1")  # the sockets are bound: connections queue until a worker accepts
-            with trio.open_signal_receiver(*FORWARDED) as signals:
+                for index in range(config.proxy.workers):
+                    workers.append(await spawn(index))
+                for index in range(config.proxy.workers):
+                    nursery.start_soon(keep, index)
+                event("workers-started", workers=len(workers), pids=[p.pid for p in workers])
+                sd_notify(
+                    "READY=1"
+                )  # the sockets are bound: connections queue until a worker accepts
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if signum != signal.SIGHUP:
@@ -146,22 +152,22 @@ async def supervise(config: Config) -> int:
                             proc.send_signal(signum)
                     if stopping:
                         break
-            with trio.move_on_after(60):
-                for index in range(len(workers)):
-                    await workers[index].wait()
-            nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            for proc in workers:
-                if proc.returncode is None:
-                    proc.terminate()
-            for proc in workers:
-                with trio.move_on_after(10):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-        for _, sl in bound:
-            sl.socket.close()
+                with trio.move_on_after(60):
+                    for index in range(len(workers)):
+                        await workers[index].wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for proc in workers:
+                    if proc.returncode is None:
+                        proc.terminate()
+                for proc in workers:
+                    with trio.move_on_after(10):
+                        await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
+            for _, sl in bound:
+                sl.socket.close()
     return 1 if failed else 0
 
 

@@ -158,3 +158,13 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_workers_never_outlive_a_killed_supervisor(tmp_path: Path, pki: Path) -> None:
+    with running_proxy(tmp_path, workers_config(pki, "127.0.0.1:9", free_port())) as proxy:
+        pids = _started(proxy)
+        proxy.proc.send_signal(signal.SIGKILL)  # no chance to stop its workers itself
+        proxy.proc.wait(TIMEOUT)
+        wait_until(
+            lambda: not any(_alive(pid) for pid in pids), what="workers to follow their parent"
+        )
