@@ -533,8 +533,10 @@ def test_text_log_line(tmp_path: Path, pki: Path, legacy: LegacyDevice) -> None:
             lambda: [x for x in proxy.raw if "event=listening" in x], what="listening"
         )[0]
         port = int(line.split("address=")[1].split()[0].rsplit(":", 1)[1])
-        assoc = associate(("127.0.0.1", port), "NOPE", ssl_context=client_ctx(pki))
-        assert assoc.is_rejected
+        client = RawClient(("127.0.0.1", port), client_ctx(pki))
+        client.send(build_rq("NOPE"))
+        assert client.read_pdu() == pdu.encode_reject(1, 1, 7)
+        client.close()
         text = wait_until(
             lambda: [x for x in proxy.raw if "event=association" in x], what="association"
         )[0]

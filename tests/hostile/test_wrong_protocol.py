@@ -64,8 +64,10 @@ def test_allow_plaintext_from_needs_both_ae_and_source(
         proxy.wait_for(event="plaintext-allowed", calling_ae="OLD_US")
         assert proxy.association(reason="released")["tls_version"] == "none (allow_plaintext_from)"
 
-        other = associate(address, "CT", calling_ae="OTHER")  # the AE is listed, this source is not
-        assert other.is_rejected
+        other = RawClient(address)  # the AE is listed, this source is not
+        other.send(build_rq("CT", "OTHER"))
+        assert other.read_pdu() == pdu.encode_reject(1, 1, 1)
+        other.close()
         proxy.association(reason="plaintext-on-tls", calling_ae="OTHER")
 
 
