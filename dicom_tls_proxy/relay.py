@@ -22,6 +22,8 @@ from dicom_tls_proxy.tls import ByteStream
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 
 CHUNK = 256 * 1024
+# Longest PDU relayed, as dcm4che: pynetdicom (and others) read whatever length a header announces.
+MAX_PDU_LENGTH = 16 * 1024 * 1024
 
 
 class RelayOwner(Protocol):
@@ -41,6 +43,7 @@ class _Side:
     closed: bool = False
     broken: bool = False  # our writes to it failed
     sending: bool = False  # a write to it was under way (if cancelled, the PDU is cut off)
+    forwarded_at_boundary: bool = True  # what we forwarded *from* this side ends between PDUs
 
 
 async def relay(
@@ -48,11 +51,15 @@ async def relay(
     upstream: ByteStream,
     record: AssociationRecord,
     idle_timeout: float,
-    max_pdu_length: int | None = None,
+    max_pdu_length: int | None = MAX_PDU_LENGTH,
     shutdown: RelayOwner | None = None,
+    pending_up: bytes = b"",
+    pending_down: bytes = b"",
 ) -> None:
     """Relay until the association ends; fills in the record's outcome; closes nothing.
-    `shutdown` lets a draining proxy end the relay and abort both sides between PDUs."""
+    `shutdown` lets a draining proxy end the relay and abort both sides between PDUs.
+    `pending_up`/`pending_down` are bytes already read with the RQ / the AC: they take the same
+    way as everything else (tracked, capped, counted), never a shortcut around it."""
     c = _Side("client", client, BoundaryTracker(max_pdu_length))
     u = _Side("upstream", upstream, BoundaryTracker(max_pdu_length))
     invalid: list[str] = []
@@ -61,43 +68,52 @@ async def relay(
         if shutdown is not None:
             shutdown.relays.add(idle)
 
-        async def pump(src: _Side, dst: _Side, nursery: trio.Nursery) -> None:
-            counter = "bytes_up" if src is c else "bytes_down"
+        async def forward(src: _Side, dst: _Side, data: bytes | bytearray) -> bool:
+            """Track, cap and send one chunk from src to dst; False when the relay must end."""
+            idle.deadline = trio.current_time() + idle_timeout
             try:
-                while True:
-                    data = await src.stream.receive_some(CHUNK)
-                    if not data:
-                        src.closed = True
-                        break
-                    idle.deadline = trio.current_time() + idle_timeout
-                    try:
-                        src.tracker.feed(data)
-                    except PduError as exc:
-                        invalid.append(f"{src.name} sent an invalid PDU: {exc}")
-                        break
-                    dst.sending = True
-                    try:
-                        await dst.stream.send_all(data)
-                    except STREAM_ERRORS:
-                        dst.broken = dst.closed = True
-                        break
-                    dst.sending = False
-                    setattr(record, counter, getattr(record, counter) + len(data))
-                    if shutdown is not None:
-                        shutdown.moved += len(data)
-                    # Not kept alive while this side idles: it can be a 256 KiB chunk, and
-                    # hundreds of associations wait between studies (measured: 578 KiB each).
-                    del data
-                    if src.tracker.seen_abort:
-                        break
+                src.tracker.feed(data)
+            except PduError as exc:  # not forwarded: the other side never sees it
+                invalid.append(f"{src.name} sent an invalid PDU: {exc}")
+                return False
+            dst.sending = True
+            try:
+                await dst.stream.send_all(data)
+            except STREAM_ERRORS:
+                dst.broken = dst.closed = True
+                return False
+            dst.sending = False
+            src.forwarded_at_boundary = src.tracker.at_boundary
+            if src is c:
+                record.bytes_up += len(data)
+            else:
+                record.bytes_down += len(data)
+            if shutdown is not None:
+                shutdown.moved += len(data)
+            return not src.tracker.seen_abort
+
+        async def pump(src: _Side, dst: _Side, pending: bytes, nursery: trio.Nursery) -> None:
+            try:
+                if not pending or await forward(src, dst, pending):
+                    del pending
+                    while True:
+                        data = await src.stream.receive_some(CHUNK)
+                        if not data:
+                            src.closed = True
+                            break
+                        if not await forward(src, dst, data):
+                            break
+                        # Not kept alive while this side idles: it can be a 256 KiB chunk, and
+                        # hundreds of associations wait between studies (measured: 578 KiB each).
+                        del data
             except STREAM_ERRORS:
                 src.closed = True
             nursery.cancel_scope.cancel()
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, c, u, nursery)
-                nursery.start_soon(pump, u, c, nursery)
+                nursery.start_soon(pump, c, u, pending_up, nursery)
+                nursery.start_soon(pump, u, c, pending_down, nursery)
         finally:
             if shutdown is not None:
                 shutdown.relays.discard(idle)
@@ -131,5 +147,5 @@ async def relay(
 
 async def _abort(to: _Side, other: _Side) -> None:
     """A-ABORT (2, 0) to `to`, only where the bytes it received so far end on a PDU boundary."""
-    if not (to.closed or to.broken or to.sending) and other.tracker.at_boundary:
+    if not (to.closed or to.broken or to.sending) and other.forwarded_at_boundary:
         await abort_quietly(to.stream)

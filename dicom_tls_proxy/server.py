@@ -330,12 +330,16 @@ class Proxy:
             self.active += 1
             try:
                 upstream = await self._open_upstream(gen, route, record)
-                answered = await self._associate(gen, client, upstream, route, rq, record)
-                if answered:
-                    if extra:
-                        await upstream.send_all(extra)
+                after_ac = await self._associate(gen, client, upstream, route, rq, record)
+                if after_ac is not None:
                     await relay(
-                        client, upstream, record, gen.config.proxy.idle_timeout, shutdown=self
+                        client,
+                        upstream,
+                        record,
+                        gen.config.proxy.idle_timeout,
+                        shutdown=self,
+                        pending_up=extra,
+                        pending_down=after_ac,
                     )
             finally:
                 self.active -= 1
@@ -512,18 +516,20 @@ class Proxy:
         route: Route,
         rq: pdu.AssociateRequest,
         record: AssociationRecord,
-    ) -> bool:
-        """Forward the RQ, relay the upstream's answer; True when the association is up (AC)."""
+    ) -> bytes | None:
+        """Forward the RQ, relay the upstream's answer. When the association is up (AC), returns
+        the bytes that came after the AC, for the relay; None when it is not."""
         raw = rq.raw
         if route.upstream_called_ae:
             raw = pdu.rewrite_called_ae(raw, route.upstream_called_ae)
         timeout = gen.config.proxy.associate_timeout
         answer: bytes | None = None
+        after = b""
         problem = ""
         with trio.move_on_after(timeout):
             try:
                 await upstream.send_all(raw)
-                answer, _ = await read_pdu(
+                answer, after = await read_pdu(
                     upstream, max(gen.config.proxy.max_associate_length, 1 << 20), first=False
                 )
             except STREAM_ERRORS as exc:
@@ -561,7 +567,7 @@ class Proxy:
             await client.send_all(answer)
             record.bytes_down += len(answer)
             record.bytes_up += len(raw)
-            return True
+            return after
         if isinstance(parsed, pdu.AssociateReject):
             await client.send_all(answer)
             record.finish(
@@ -571,7 +577,7 @@ class Proxy:
                 f"reason {parsed.reason}",
             )
             await graceful_close(client)
-            return False
+            return None
         if isinstance(parsed, pdu.Abort):
             await client.send_all(answer)
             record.finish(
@@ -579,7 +585,7 @@ class Proxy:
                 Reason.UPSTREAM_ABORTED,
                 f"upstream aborted: source {parsed.source}, reason {parsed.reason}",
             )
-            return False
+            return None
         await abort_quietly(upstream)
         raise Refused(
             Reason.UPSTREAM_NO_ANSWER, f"the upstream answered with {type(parsed).__name__}"
