@@ -1,0 +1,305 @@
+"""Processes for the benchmark: starting and always stopping them, waiting on conditions, and
+reading what the kernel says they cost (/proc/PID/stat and /proc/PID/status).
+
+CPU is utime + stime of the whole process (every thread, live or exited) plus its waited-for
+children, in clock ticks (10 ms). Memory is VmRSS (now) and VmHWM (the peak since the process
+started): every measured process is started fresh for one (workload, run), so its VmHWM is that
+workload's peak.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+TIMEOUT = 60.0  # upper bound for a wait; a healthy run never sleeps it out
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+REPO = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+class BenchmarkError(Exception):
+    """A measurement could not be taken (a process failed, a condition never came true)."""
+
+
+# -- tools ----------------------------------------------------------------------------------
+
+
+def dcmtk(tool: str) -> str | None:
+    """The DCMTK binary, not pynetdicom's same-named Python scripts that may come first on PATH."""
+    for folder in ["/usr/bin", "/usr/local/bin", *os.environ.get("PATH", "").split(os.pathsep)]:
+        path = Path(folder) / tool
+        try:
+            if path.is_file() and path.read_bytes()[:4] == b"\x7fELF":
+                return str(path)
+        except OSError:
+            continue
+    return None
+
+
+def stunnel() -> str | None:
+    for name in ("stunnel4", "stunnel"):
+        for folder in ["/usr/bin", "/usr/local/bin", *os.environ.get("PATH", "").split(os.pathsep)]:
+            path = Path(folder) / name
+            if path.is_file() and os.access(path, os.X_OK):
+                return str(path)
+    return None
+
+
+def raise_fd_limit(wanted: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE for this process and the children it starts; returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+# -- waiting --------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], T | None], what: str, timeout: float = TIMEOUT) -> T:
+    """Poll `condition` (5 ms, backing off to 50 ms) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise BenchmarkError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def is_listening(port: int) -> bool:
+    """True when a socket listens on 127.0.0.1:port, read from /proc/net/tcp: no probe
+    connection, so the measured process does not see (nor log) a connection that is not a test."""
+    wanted = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[1] in wanted and fields[3] == "0A":  # 0A = LISTEN
+            return True
+    return False
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise BenchmarkError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
+        return is_listening(port)
+
+    wait_until(ready, f"{name} to listen on 127.0.0.1:{port}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- what a process costs -------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of the process, all threads included."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / CLOCK_TICKS
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM, in KiB."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds since boot, all cores: (busy in user and system mode, stolen by the host)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = fields
+    return (user + nice + system) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and every child it has waited for."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextmanager
+def foreign_load(into: dict[str, float]) -> Iterator[None]:
+    """Fill `into` with what other processes on the machine used while the block ran (its own
+    processes must all have been waited for by then): `foreign_cpu_s`, `steal_s` and `elapsed_s`.
+    A busy machine makes every number noisy; the report says so."""
+    busy0, steal0 = machine_cpu()
+    own0, t0 = own_cpu(), time.monotonic()
+    try:
+        yield
+    finally:
+        busy1, steal1 = machine_cpu()
+        into["foreign_cpu_s"] = round(max(0.0, (busy1 - busy0) - (own_cpu() - own0)), 2)
+        into["steal_s"] = round(steal1 - steal0, 2)
+        into["elapsed_s"] = round(time.monotonic() - t0, 2)
+
+
+def wait_cpu_quiet(pid: int, quiet: float = 0.15, timeout: float = 30.0) -> float:
+    """Wait until the process used no CPU for `quiet` seconds (it finished its last work: closing
+    connections, writing log lines); returns its CPU seconds then."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while True:
+        time.sleep(quiet)
+        now = cpu_seconds(pid)
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+# -- starting and stopping ------------------------------------------------------------------
+
+
+@contextmanager
+def started(
+    name: str,
+    argv: Sequence[str],
+    log: Path,
+    *,
+    port: int,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process, stderr and stdout to `log`, wait until it listens on `port`; it is
+    stopped (SIGTERM, then SIGKILL) however the block ends."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,  # storescp --fork children go with it (killpg)
+        )
+    try:
+        wait_listening(port, proc, name, log)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    _signal_group(proc, signal.SIGKILL)  # forked children left behind by the leader, if any
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
+    """A py-spy flame graph (Python and native frames) of `pid` while the block runs; nothing
+    when `output` is None. Sampling stops the process 100 times a second: a profiled run's
+    numbers are not comparable with an unprofiled one's."""
+    if pid is None or output is None:
+        yield
+        return
+    exe = shutil.which("py-spy")
+    if exe is None:
+        raise BenchmarkError("py-spy is not installed: pip install py-spy")
+    log = output.with_suffix(".log")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--native", "--output", str(output)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or b"Sampling process" in log.read_bytes(),
+            "py-spy to attach",
+        )
+        if proc.poll() is not None:
+            raise BenchmarkError(f"py-spy failed:\n{tail(log)}")
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # py-spy writes the flame graph on SIGINT
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_clients(argvs: Sequence[Sequence[str]], env: dict[str, str], timeout: float) -> float:
+    """Start every client at once, wait for all; returns the wall time from first start to last
+    exit. Raises BenchmarkError with the first failure's stderr."""
+    procs: list[subprocess.Popen[bytes]] = []
+    t0 = time.perf_counter()
+    try:
+        for argv in argvs:
+            procs.append(
+                subprocess.Popen(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    env={**os.environ, **env},
+                )
+            )
+        errors = []
+        for argv, proc in zip(argvs, procs, strict=True):
+            _, err = proc.communicate(timeout=max(1.0, t0 + timeout - time.perf_counter()))
+            if proc.returncode != 0:
+                errors.append(f"{argv[0]} exited {proc.returncode}: {err.decode()[-2000:]}")
+        wall = time.perf_counter() - t0
+    except subprocess.TimeoutExpired as exc:
+        raise BenchmarkError(f"client timed out after {timeout:.0f}s") from exc
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if errors:
+        raise BenchmarkError(errors[0])
+    return wall

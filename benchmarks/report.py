@@ -1,0 +1,270 @@
+"""From raw runs to what a reader needs: metrics, medians, proxy/stunnel ratios, targets, a table,
+the JSON file and the chart."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from setups import PAIRS
+from workloads import Run
+
+Metric = Literal[
+    "throughput_mb_s",
+    "associations_per_s",
+    "cpu_s_per_gb",
+    "cpu_ms_per_assoc",
+    "peak_rss_mib",
+    "idle_kib_handshake",
+    "idle_kib_traffic",
+]
+LABELS: dict[str, str] = {
+    "throughput_mb_s": "MB/s",
+    "associations_per_s": "assoc/s",
+    "cpu_s_per_gb": "CPU s/GB",
+    "cpu_ms_per_assoc": "CPU ms/assoc",
+    "peak_rss_mib": "peak RSS MiB",
+    "idle_kib_handshake": "KiB/idle assoc",
+    "idle_kib_traffic": "KiB/assoc after 1 MiB",
+}
+COLUMNS: dict[str, list[Metric]] = {  # what each workload is for
+    "W1": ["throughput_mb_s", "cpu_s_per_gb", "peak_rss_mib"],
+    "W2": ["associations_per_s", "cpu_ms_per_assoc", "peak_rss_mib"],
+    "W3": ["throughput_mb_s", "cpu_s_per_gb", "peak_rss_mib"],
+    "W4": ["idle_kib_handshake", "idle_kib_traffic", "peak_rss_mib"],
+}
+
+Medians = dict[str, dict[str, dict[str, float]]]  # workload -> setup -> metric -> median
+Ratios = dict[str, dict[str, dict[str, float]]]  # workload -> direction -> metric -> proxy/stunnel
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def metrics(run: Run) -> dict[str, float]:
+    """The derived numbers of one run (only those that apply to its workload and setup)."""
+    m: dict[str, float] = {}
+    if run.error:
+        return m
+    moves_data = run.workload in ("W1", "W3")
+    if moves_data and run.wall_s:
+        m["throughput_mb_s"] = run.payload_bytes / run.wall_s / 1e6
+    if run.workload == "W2" and run.wall_s:
+        m["associations_per_s"] = run.associations / run.wall_s
+    if moves_data and run.cpu_s is not None:
+        m["cpu_s_per_gb"] = run.cpu_s / (run.payload_bytes / 1e9)
+    if run.workload == "W2" and run.cpu_s is not None:
+        m["cpu_ms_per_assoc"] = run.cpu_s * 1000 / run.associations
+    if run.peak_rss_kib is not None:
+        m["peak_rss_mib"] = run.peak_rss_kib / 1024
+    if run.idle:
+        before = run.idle["rss_before_kib"]
+        m["idle_kib_handshake"] = (run.idle["rss_handshake_kib"] - before) / run.associations
+        m["idle_kib_traffic"] = (run.idle["rss_traffic_kib"] - before) / run.associations
+    return m
+
+
+def medians(runs: Iterable[Run]) -> Medians:
+    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for run in runs:
+        for name, value in metrics(run).items():
+            per_setup = values.setdefault(run.workload, {}).setdefault(run.setup, {})
+            per_setup.setdefault(name, []).append(value)
+    return {
+        w: {s: {m: statistics.median(v) for m, v in ms.items()} for s, ms in ss.items()}
+        for w, ss in values.items()
+    }
+
+
+def ratios(med: Medians) -> Ratios:
+    """proxy / stunnel, per direction, from the medians of the same benchmark run."""
+    out: Ratios = {}
+    for workload, per_setup in med.items():
+        for direction, (proxy, stunnel) in PAIRS.items():
+            if proxy not in per_setup or stunnel not in per_setup:
+                continue
+            row = {
+                m: per_setup[proxy][m] / per_setup[stunnel][m]
+                for m in per_setup[proxy]
+                if m in per_setup[stunnel] and per_setup[stunnel][m] > 0
+            }
+            out.setdefault(workload, {})[direction] = row
+    return out
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One line of the issue's targets, judged for each direction."""
+
+    workload: str
+    metric: Metric
+    op: Literal[">=", "<="]
+    limit: float
+    against_stunnel: bool  # a ratio to stunnel's; otherwise the proxy's own value
+
+    def describe(self) -> str:
+        what = f"{self.workload} {LABELS[self.metric]}"
+        unit = "x stunnel" if self.against_stunnel else ""
+        return f"{what} {self.op} {self.limit:g}{unit}"
+
+
+TARGETS = (
+    Target("W1", "throughput_mb_s", ">=", 1.1, True),
+    Target("W3", "throughput_mb_s", ">=", 1.0, True),
+    Target("W1", "cpu_s_per_gb", "<=", 0.85, True),
+    Target("W3", "cpu_s_per_gb", "<=", 0.85, True),
+    Target("W2", "cpu_ms_per_assoc", "<=", 1.25, True),
+    Target("W3", "peak_rss_mib", "<=", 64, False),
+    Target("W4", "idle_kib_handshake", "<=", 64, False),
+    Target("W4", "idle_kib_traffic", "<=", 1.0, True),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    direction: str
+    value: float | None
+    met: bool | None  # None: not measured (workload skipped, stunnel missing, run failed)
+
+
+def judge(med: Medians, rat: Ratios) -> list[Verdict]:
+    verdicts = []
+    for direction, (proxy, _) in PAIRS.items():
+        for t in TARGETS:
+            if t.workload not in med:
+                continue  # not run this time
+            if t.against_stunnel:
+                value = rat.get(t.workload, {}).get(direction, {}).get(t.metric)
+            else:
+                value = med.get(t.workload, {}).get(proxy, {}).get(t.metric)
+            met = None
+            if value is not None:
+                met = value >= t.limit if t.op == ">=" else value <= t.limit
+            verdicts.append(Verdict(t.describe(), direction, value, met))
+    return verdicts
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+def _cell(value: float | None, width: int) -> str:
+    if value is None:
+        return "-".rjust(width)
+    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    return f"{value:.{digits}f}".rjust(width)
+
+
+def table(
+    med: Medians,
+    rat: Ratios,
+    verdicts: Sequence[Verdict],
+    setups: Sequence[str],
+    descriptions: dict[str, str],
+    runs: int,
+) -> str:
+    lines: list[str] = [f"medians of {runs} run(s); ratios = proxy / stunnel, same run"]
+    for workload, columns in COLUMNS.items():
+        if workload not in med:
+            continue
+        width = max(14, *(len(LABELS[c]) + 2 for c in columns))
+        lines.append("")
+        lines.append(f"{workload}: {descriptions[workload]}")
+        lines.append(f"  {'':<22}" + "".join(LABELS[c].rjust(width) for c in columns))
+        for setup in setups:
+            row = med[workload].get(setup)
+            if row is not None:
+                cells = "".join(_cell(row.get(c), width) for c in columns)
+                lines.append(f"  {setup:<22}{cells}")
+        for direction, row in rat.get(workload, {}).items():
+            cells = "".join((f"{row[c]:.2f}x" if c in row else "-").rjust(width) for c in columns)
+            lines.append(f"  {'ratio ' + direction:<22}{cells}")
+    lines.append("")
+    lines.append("targets (proxy):")
+    for v in verdicts:
+        state = {True: "met", False: "NOT MET", None: "not measured"}[v.met]
+        value = "" if v.value is None else f"{v.value:.3g}"
+        lines.append(f"  {v.direction:<12} {v.target:<40} {value:>8}  {state}")
+    return "\n".join(lines)
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def write_json(
+    path: Path,
+    runs: Sequence[Run],
+    med: Medians,
+    rat: Ratios,
+    verdicts: Sequence[Verdict],
+    meta: dict[str, Any],
+) -> None:
+    data = {
+        **meta,
+        "runs": [{**r.to_json(), "metrics": metrics(r)} for r in runs],
+        "medians": med,
+        "ratios": rat,
+        "targets": [asdict(v) for v in verdicts],
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+CHART_PANELS: list[tuple[str, list[tuple[str, Metric]]]] = [
+    ("throughput (MB/s, higher is better)", [("W1", "throughput_mb_s"), ("W3", "throughput_mb_s")]),
+    ("CPU s per GB (lower is better)", [("W1", "cpu_s_per_gb"), ("W3", "cpu_s_per_gb")]),
+    ("CPU ms per association, W2 (lower is better)", [("W2", "cpu_ms_per_assoc")]),
+    ("peak RSS MiB (lower is better)", [(w, "peak_rss_mib") for w in ("W1", "W2", "W3", "W4")]),
+    (
+        "KiB per idle association, W4 (lower is better)",
+        [("W4", "idle_kib_handshake"), ("W4", "idle_kib_traffic")],
+    ),
+]
+SHORT = {"idle_kib_handshake": "after AC", "idle_kib_traffic": "after 1 MiB"}
+
+
+def write_chart(path: Path, runs: Sequence[Run], med: Medians, setups: Sequence[str]) -> str:
+    """A PNG of the medians (bars) and each run (dots); returns a message for the console."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "chart skipped: matplotlib is not installed (pip install matplotlib)"
+    per_run: dict[tuple[str, str, str], list[float]] = {}
+    for run in runs:
+        for name, number in metrics(run).items():
+            per_run.setdefault((run.workload, run.setup, name), []).append(number)
+    fig, axes = plt.subplots(1, len(CHART_PANELS), figsize=(4.2 * len(CHART_PANELS), 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = 0.8 / max(1, len(setups))
+    legend: dict[str, Any] = {}
+    for ax, (title, groups) in zip(axes, CHART_PANELS, strict=True):
+        for i, setup in enumerate(setups):
+            for g, (workload, metric) in enumerate(groups):
+                value = med.get(workload, {}).get(setup, {}).get(metric)
+                if value is None:
+                    continue
+                x = g + (i - (len(setups) - 1) / 2) * width
+                bars = ax.bar(x, value, width, color=colors[i % len(colors)])
+                legend.setdefault(setup, bars)
+                dots = per_run.get((workload, setup, metric), [])
+                ax.plot([x] * len(dots), dots, "k.", markersize=3)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([SHORT.get(m, w) for w, m in groups])
+        ax.set_title(title, fontsize=9)
+    ordered = [s for s in setups if s in legend]
+    fig.legend(
+        [legend[s] for s in ordered], ordered, loc="lower center", ncol=len(ordered), fontsize=9
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart: {path}"

@@ -1,0 +1,317 @@
+"""The configurations compared, and how each one is brought up for one measurement.
+
+Every measurement starts fresh processes: the legacy device (DCMTK storescp, or the benchmark's own
+acceptor for W4) and, between client and device, the proxy or stunnel. So each process's peak RSS
+is that workload's peak, and no run inherits another's warm caches or fragmented heap.
+
+    direct        storescu ------------------------------------> storescp           (plaintext)
+    proxy-term    storescu +tls --> proxy (TLS listener) ------> storescp           (termination)
+    stunnel-term  storescu +tls --> stunnel [termination] -----> storescp
+    proxy-orig    storescu -------> proxy (plaintext listener) -> storescp +tls    (origination)
+    stunnel-orig  storescu -------> stunnel [origination] -----> storescp +tls
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import procs
+
+HERE = Path(__file__).resolve().parent
+STUNNEL_TEMPLATE = HERE / "stunnel.conf"
+# DCMTK leaves Nagle on without it. The device gets it too: with Nagle and delayed ACKs on its side
+# a plaintext C-ECHO association took 87 ms instead of 51 (time in which nothing is measured).
+CLIENT_ENV = {"TCP_NODELAY": "1"}
+DEVICE_ENV = {"TCP_NODELAY": "1"}
+CALLING_AE = "BENCH"
+TERMINATION_AE = "LEGACY"  # the proxy's termination route (the legacy device behind it)
+ORIGINATION_AE = "PACS"  # the proxy's origination route (the TLS PACS in front of it)
+
+Middlebox = Literal["proxy", "stunnel"]
+Direction = Literal["plaintext", "termination", "origination"]
+Upstream = Literal["storescp", "storescp-fork", "external"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    direction: Direction
+    middlebox: Middlebox | None
+
+    @property
+    def client_tls(self) -> bool:
+        """Does the client speak TLS (the middlebox terminates it)?"""
+        return self.direction == "termination"
+
+    @property
+    def upstream_tls(self) -> bool:
+        """Does the device speak TLS (the middlebox originates it)?"""
+        return self.direction == "origination"
+
+    @property
+    def called_ae(self) -> str:
+        return ORIGINATION_AE if self.upstream_tls else TERMINATION_AE
+
+
+SETUPS = (
+    Setup("direct", "plaintext", None),
+    Setup("proxy-term", "termination", "proxy"),
+    Setup("stunnel-term", "termination", "stunnel"),
+    Setup("proxy-orig", "origination", "proxy"),
+    Setup("stunnel-orig", "origination", "stunnel"),
+)
+PAIRS = {  # what the targets compare: the proxy against stunnel doing the same job
+    "termination": ("proxy-term", "stunnel-term"),
+    "origination": ("proxy-orig", "stunnel-orig"),
+}
+
+
+@dataclass(frozen=True)
+class Tools:
+    python: str
+    storescu: str
+    storescp: str
+    echoscu: str
+    stunnel: str | None
+    proxy_source: Path = procs.REPO  # the folder `python -m dicom_tls_proxy` runs from
+
+    def with_snapshot(self, folder: Path) -> Tools:
+        """The same tools, the proxy run from a copy of dicom_tls_proxy/ taken now: every
+        measurement of a run measures the same code, even if the working tree changes meanwhile.
+        (Python puts the working folder before the editable install's finder.)"""
+        shutil.copytree(
+            procs.REPO / "dicom_tls_proxy",
+            folder / "dicom_tls_proxy",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        return replace(self, proxy_source=folder)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The development PKI of `dicom-tls-proxy certs init` (RSA-2048, as DCMTK's profile needs)."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    def cert(self, who: Literal["proxy", "client"]) -> Path:
+        return self.folder / f"{who}.pem"
+
+    def key(self, who: Literal["proxy", "client"]) -> Path:
+        return self.folder / f"{who}.key"
+
+    def dcmtk_args(self, who: Literal["proxy", "client"]) -> list[str]:
+        return ["+tls", str(self.key(who)), str(self.cert(who)), "+cf", str(self.ca)]
+
+
+def make_pki(tools: Tools, folder: Path) -> Pki:
+    subprocess.run(
+        [tools.python, "-m", "dicom_tls_proxy", "certs", "init", str(folder)],
+        check=True,
+        cwd=tools.proxy_source,
+        capture_output=True,
+    )
+    return Pki(folder)
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Fresh loopback ports for one measurement (nothing waits for TIME_WAIT to clear)."""
+
+    tls_in: int  # the middlebox's TLS side towards clients (termination)
+    plain_in: int  # the middlebox's plaintext side towards legacy clients (origination)
+    device: int  # plaintext storescp
+    tls_device: int  # storescp +tls
+
+    @classmethod
+    def fresh(cls) -> Ports:
+        ports: set[int] = set()
+        while len(ports) < 4:
+            ports.add(procs.free_port())
+        return cls(*sorted(ports))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the clients of one measurement connect, and the process whose costs are measured."""
+
+    setup: Setup
+    port: int
+    called_ae: str
+    client_args: list[str]  # DCMTK TLS options for the client, if it speaks TLS
+    measured_pid: int | None  # the proxy or stunnel; None for direct
+    log: Path | None  # the middlebox's log
+    device_port: int  # where the device listens (W4's acceptor binds it itself)
+
+    def dcmtk(self, tool: str, *args: str) -> list[str]:
+        return [
+            tool,
+            *self.client_args,
+            "-aet",
+            CALLING_AE,
+            "-aec",
+            self.called_ae,
+            "127.0.0.1",
+            str(self.port),
+            *args,
+        ]
+
+
+# -- configs --------------------------------------------------------------------------------
+
+
+def proxy_config(pki: Pki, ports: Ports) -> str:
+    """Two listeners and two routes, like a gateway in production: access checks on, log_level
+    info, limits high enough for W4's 500 idle associations."""
+    q = json.dumps
+    return f"""\
+[proxy]
+max_connections = 1024
+max_pending = 1024
+log_level = "info"
+log_format = "text"
+
+[tls.inbound]
+certificate = {q(str(pki.cert("proxy")))}
+private_key = {q(str(pki.key("proxy")))}
+ca = {q(str(pki.ca))}
+verify = "chain"
+peer_certificate = "required"
+profile = "tls13"
+
+[tls.to-pacs]
+certificate = {q(str(pki.cert("client")))}
+private_key = {q(str(pki.key("client")))}
+ca = {q(str(pki.ca))}
+server_name = "localhost"
+profile = "tls13"
+
+[[listener]]
+name = "tls-in"
+bind = "127.0.0.1:{ports.tls_in}"
+tls = "inbound"
+allow_source = ["127.0.0.0/8"]
+
+[[listener]]
+name = "legacy-in"
+bind = "127.0.0.1:{ports.plain_in}"
+allow_source = ["127.0.0.0/8"]
+
+[[route]]
+called_ae = "{TERMINATION_AE}"
+listeners = ["tls-in"]
+upstream = "127.0.0.1:{ports.device}"
+allow_calling_ae = ["BENCH*"]
+allow_peer = ["cn:dicom-client"]
+allow_source = ["127.0.0.0/8"]
+
+[[route]]
+called_ae = "{ORIGINATION_AE}"
+listeners = ["legacy-in"]
+upstream = "127.0.0.1:{ports.tls_device}"
+upstream_tls = "to-pacs"
+allow_calling_ae = ["BENCH*"]
+allow_source = ["127.0.0.0/8"]
+"""
+
+
+def stunnel_config(pki: Pki, ports: Ports, verify_level: str = "verifyChain") -> str:
+    """benchmarks/stunnel.conf with its placeholders filled in."""
+    template = string.Template(STUNNEL_TEMPLATE.read_text())
+    return template.substitute(
+        termination_port=ports.tls_in,
+        termination_upstream_port=ports.device,
+        origination_port=ports.plain_in,
+        origination_upstream_port=ports.tls_device,
+        server_certificate=pki.cert("proxy"),
+        server_key=pki.key("proxy"),
+        client_certificate=pki.cert("client"),
+        client_key=pki.key("client"),
+        ca=pki.ca,
+        verify_level=verify_level,
+    )
+
+
+# -- bringing a setup up --------------------------------------------------------------------
+
+
+@contextmanager
+def running(
+    setup: Setup, upstream: Upstream, tools: Tools, pki: Pki, work: Path
+) -> Iterator[Endpoint]:
+    """The device (unless `external`) and the middlebox, listening; both stopped on exit."""
+    ports = Ports.fresh()
+    device_port = ports.tls_device if setup.upstream_tls else ports.device
+    with ExitStack() as stack:
+        if upstream != "external":
+            argv = [tools.storescp, "--ignore", "-aet", setup.called_ae]
+            if upstream == "storescp-fork":
+                argv.append("--fork")
+            if setup.upstream_tls:
+                argv += pki.dcmtk_args("proxy")
+            argv.append(str(device_port))
+            stack.enter_context(
+                procs.started(
+                    "storescp", argv, work / "storescp.log", port=device_port, env=DEVICE_ENV
+                )
+            )
+        middlebox, port, log = None, device_port, None
+        if setup.middlebox is not None:
+            port = ports.tls_in if setup.direction == "termination" else ports.plain_in
+            log = work / f"{setup.middlebox}.log"
+            middlebox = stack.enter_context(
+                _start_middlebox(setup.middlebox, tools, pki, ports, port, work, log)
+            )
+        yield Endpoint(
+            setup=setup,
+            port=port,
+            called_ae=setup.called_ae,
+            client_args=pki.dcmtk_args("client") if setup.client_tls else [],
+            measured_pid=middlebox.pid if middlebox else None,
+            log=log,
+            device_port=device_port,
+        )
+
+
+def _start_middlebox(
+    kind: Middlebox, tools: Tools, pki: Pki, ports: Ports, port: int, work: Path, log: Path
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    if kind == "proxy":
+        config = work / "proxy.toml"
+        config.write_text(proxy_config(pki, ports))
+        argv = [tools.python, "-m", "dicom_tls_proxy", "run", "-c", str(config)]
+        return procs.started("proxy", argv, log, port=port, cwd=tools.proxy_source)
+    if tools.stunnel is None:
+        raise procs.BenchmarkError("stunnel is not installed")
+    config = work / "stunnel.conf"
+    config.write_text(stunnel_config(pki, ports))
+    return procs.started("stunnel", [tools.stunnel, str(config)], log, port=port)
+
+
+def find_tools(*, with_stunnel: bool = True) -> Tools:
+    missing = [t for t in ("storescu", "storescp", "echoscu") if procs.dcmtk(t) is None]
+    if missing:
+        print(
+            f"DCMTK is not installed ({', '.join(missing)} missing): apt-get install dcmtk",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return Tools(
+        python=sys.executable,
+        storescu=procs.dcmtk("storescu") or "",
+        storescp=procs.dcmtk("storescp") or "",
+        echoscu=procs.dcmtk("echoscu") or "",
+        stunnel=procs.stunnel() if with_stunnel else None,
+    )

@@ -1,0 +1,249 @@
+"""The four workloads, their test data, and one measurement of one workload on one setup.
+
+    W1  one association, one 256 MiB instance         storescu           throughput, CPU/GB
+    W2  300 sequential C-ECHO associations            echoscu            CPU/association
+    W3  20 concurrent associations x 20 x 512 KiB     storescu (--fork)  throughput, CPU/GB, RSS
+    W4  500 idle associations, then 1 MiB each        idle_associations  memory/association
+
+Every measurement warms the middlebox up with one C-ECHO association first (a long-running proxy
+has done that long ago), waits until it is idle, reads its CPU time, runs the clients, waits until
+the middlebox logged every association and is idle again, and reads its CPU time and peak RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import idle_associations
+import procs
+from setups import CLIENT_ENV, Endpoint, Pki, Tools
+
+KIB = 1024
+MIB = 1024 * KIB
+FRAME = 512 * KIB  # one 8-bit frame of 512 x 1024 pixels
+CLIENT_TIMEOUT = 900.0
+PDU_SIZE = 16384  # storescp's default maximum PDU (-pdu), so the size of every P-DATA it receives
+
+WORKLOADS = ("W1", "W2", "W3", "W4")
+DESCRIPTIONS = {
+    "W1": "one association, one {w1} instance",
+    "W2": "{w2} sequential C-ECHO associations",
+    "W3": "{w3c} concurrent associations x {w3f} x {w3s} instances",
+    "W4": "{w4} idle associations, then {w4t} of P-DATA each",
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    w1_bytes: int
+    w2_echoes: int
+    w3_clients: int
+    w3_files: int
+    w3_file_bytes: int
+    w4_associations: int
+    w4_traffic_bytes: int
+
+    def describe(self, workload: str) -> str:
+        return DESCRIPTIONS[workload].format(
+            w1=_size(self.w1_bytes),
+            w2=self.w2_echoes,
+            w3c=self.w3_clients,
+            w3f=self.w3_files,
+            w3s=_size(self.w3_file_bytes),
+            w4=self.w4_associations,
+            w4t=_size(self.w4_traffic_bytes),
+        )
+
+
+FULL = Sizes(256 * MIB, 300, 20, 20, 512 * KIB, 500, 1 * MIB)
+QUICK = Sizes(4 * MIB, 10, 2, 2, 512 * KIB, 20, 1 * MIB)
+
+
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB"
+
+
+@dataclass
+class Run:
+    """One measurement; raw numbers only (report.py derives the metrics)."""
+
+    workload: str
+    setup: str
+    round: int
+    payload_bytes: int = 0
+    associations: int = 0
+    wall_s: float | None = None
+    cpu_s: float | None = None  # the middlebox's, during the workload
+    peak_rss_kib: int | None = None  # the middlebox's VmHWM
+    idle: dict[str, int] = field(default_factory=dict)  # W4's RSS readings, KiB
+    machine: dict[str, float] = field(default_factory=dict)  # what other processes used meanwhile
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- test data ------------------------------------------------------------------------------
+
+
+def instance(path: Path, pixel_bytes: int) -> Path:
+    """A Multi-frame Grayscale Byte Secondary Capture instance with `pixel_bytes` of random OB
+    pixel data (frames of 512 x 1024); reused when already there."""
+    frames = max(1, pixel_bytes // FRAME)
+    if path.exists() and path.stat().st_size > frames * FRAME:
+        return path
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.2"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "BENCH^MARK"
+    ds.PatientID = "BENCH"
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 512, 1024, frames
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.add_new(0x7FE00010, "OB", os.urandom(frames * FRAME))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    ds.save_as(partial, enforce_file_format=True)
+    partial.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Data:
+    w1: Path
+    w3: list[Path]
+
+
+def make_data(folder: Path, sizes: Sizes, workloads: list[str]) -> Data:
+    w1 = folder / f"w1-{_size(sizes.w1_bytes).replace(' ', '')}.dcm"
+    w3 = [
+        folder / f"w3-{_size(sizes.w3_file_bytes).replace(' ', '')}-{i}.dcm"
+        for i in range(sizes.w3_files)
+    ]
+    if "W1" in workloads:
+        instance(w1, sizes.w1_bytes)
+    if "W3" in workloads:
+        for path in w3:
+            instance(path, sizes.w3_file_bytes)
+    return Data(w1, w3)
+
+
+# -- one measurement ------------------------------------------------------------------------
+
+
+def measure(
+    workload: str,
+    endpoint: Endpoint,
+    tools: Tools,
+    pki: Pki,
+    data: Data,
+    sizes: Sizes,
+    run: Run,
+    profile: Path | None = None,
+) -> None:
+    """Fill `run` with one measurement of `workload` through `endpoint` (already up); with
+    `profile`, a py-spy flame graph of the middlebox during the workload goes there."""
+    if workload == "W4":
+        with procs.py_spy(endpoint.measured_pid, profile):
+            _measure_idle(endpoint, pki, sizes, run)
+        return
+    pid = endpoint.measured_pid
+    _echo(endpoint, tools)  # warm-up
+    logged = _wait_logged(endpoint, 1)
+    cpu_before = procs.wait_cpu_quiet(pid) if pid else None
+    with procs.py_spy(pid, profile):
+        _run_clients(workload, endpoint, tools, data, sizes, run)
+    if pid is not None:
+        _wait_logged(endpoint, logged + run.associations)
+        run.cpu_s = procs.wait_cpu_quiet(pid) - (cpu_before or 0.0)
+        run.peak_rss_kib = procs.memory_kib(pid)["VmHWM"]
+
+
+def _run_clients(
+    workload: str, endpoint: Endpoint, tools: Tools, data: Data, sizes: Sizes, run: Run
+) -> None:
+    if workload == "W1":
+        run.payload_bytes, run.associations = data.w1.stat().st_size, 1
+        run.wall_s = procs.run_clients(
+            [endpoint.dcmtk(tools.storescu, str(data.w1))], CLIENT_ENV, CLIENT_TIMEOUT
+        )
+    elif workload == "W2":
+        run.associations = sizes.w2_echoes
+        t0 = time.perf_counter()
+        for _ in range(sizes.w2_echoes):
+            _echo(endpoint, tools)
+        run.wall_s = time.perf_counter() - t0
+    elif workload == "W3":
+        files = [str(p) for p in data.w3]
+        run.payload_bytes = sizes.w3_clients * sum(p.stat().st_size for p in data.w3)
+        run.associations = sizes.w3_clients
+        argvs = [endpoint.dcmtk(tools.storescu, *files) for _ in range(sizes.w3_clients)]
+        run.wall_s = procs.run_clients(argvs, CLIENT_ENV, CLIENT_TIMEOUT)
+    else:
+        raise ValueError(workload)
+
+
+def _echo(endpoint: Endpoint, tools: Tools) -> None:
+    procs.run_clients([endpoint.dcmtk(tools.echoscu)], CLIENT_ENV, procs.TIMEOUT)
+
+
+def _measure_idle(endpoint: Endpoint, pki: Pki, sizes: Sizes, run: Run) -> None:
+    assert endpoint.measured_pid is not None
+    readings = idle_associations.measure(
+        endpoint, pki, sizes.w4_associations, sizes.w4_traffic_bytes
+    )
+    run.associations = readings.associations
+    run.payload_bytes = readings.associations * readings.traffic_bytes
+    run.idle = {
+        "rss_before_kib": readings.rss_before_kib,
+        "rss_handshake_kib": readings.rss_handshake_kib,
+        "rss_traffic_kib": readings.rss_traffic_kib,
+    }
+    run.peak_rss_kib = procs.memory_kib(endpoint.measured_pid)["VmHWM"]
+
+
+# -- the middlebox's log --------------------------------------------------------------------
+
+
+def associations_logged(endpoint: Endpoint) -> int:
+    """Associations the middlebox has finished and logged: the proxy's `event=association`
+    lines, stunnel's `Connection closed`/`Connection reset` lines."""
+    if endpoint.log is None:
+        return 0
+    text = endpoint.log.read_text(errors="replace")
+    if endpoint.setup.middlebox == "proxy":
+        return text.count("event=association ")
+    return text.count("Connection closed") + text.count("Connection reset")
+
+
+def _wait_logged(endpoint: Endpoint, count: int) -> int:
+    if endpoint.log is None:
+        return 0
+    procs.wait_until(
+        lambda: associations_logged(endpoint) >= count,
+        f"{count} association log lines from {endpoint.setup.middlebox}",
+    )
+    return associations_logged(endpoint)
+
+
+def dcmtk_version(tools: Tools) -> str:
+    out = subprocess.run([tools.storescu, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0].strip() if out else "unknown"
