@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dicom_tls_proxy.pki import init_pki
-from tests.support import HAVE_DCMTK, LegacyDevice
+from tests.support import EVERY_PROXY_LINE, HAVE_DCMTK, LegacyDevice
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +37,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "dcmtk" in item.keywords:
             item.add_marker(skip)
+
+
+BASE64_LINE = re.compile(r"[A-Za-z0-9+/=]{64}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log_or_audit_line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole session: no line any proxy logged, and no line of any audit file, holds a
+    line of any private key or any password file the tests wrote."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    key_lines: set[str] = set()
+    for key in base.rglob("*.key"):
+        text = key.read_text(errors="replace") if key.is_file() else ""
+        key_lines.update(m.group(0) for m in BASE64_LINE.finditer(text))
+    passwords = {
+        p.read_text(errors="replace").strip()
+        for pattern in ("*.pass", "*pw*", "*password*")
+        for p in base.rglob(pattern)
+        if p.is_file() and p.stat().st_size < 200
+    }
+    passwords = {pw for pw in passwords if len(pw) >= 8}  # "wrong" is also an ordinary word
+    lines = list(EVERY_PROXY_LINE)
+    for trail in base.rglob("*.jsonl"):
+        lines += trail.read_text(errors="replace").splitlines() if trail.is_file() else []
+    leaks = [
+        line
+        for line in lines
+        if any(m.group(0) in key_lines for m in BASE64_LINE.finditer(line))
+        or any(pw in line for pw in passwords)
+    ]
+    assert not leaks, f"{len(leaks)} log/audit lines hold key material or a password: {leaks[:3]}"

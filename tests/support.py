@@ -114,6 +114,9 @@ def wait_port(host: str, port: int, timeout: float = TIMEOUT) -> None:
 # -- the proxy ------------------------------------------------------------------------------
 
 
+EVERY_PROXY_LINE: list[str] = []  # the whole session's proxy output, for the secrets check
+
+
 class ProxyProcess:
     """`dicom-tls-proxy run` with JSON logs; every stderr line is parsed and kept."""
 
@@ -138,6 +141,7 @@ class ProxyProcess:
             line = line.rstrip("\n")
             with self._lock:
                 self.raw.append(line)
+                EVERY_PROXY_LINE.append(line)
                 try:
                     self.lines.append(json.loads(line))
                 except json.JSONDecodeError:
