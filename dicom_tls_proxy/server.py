@@ -133,7 +133,7 @@ class Proxy:
 
     def __post_init__(self) -> None:
         self.gen = Generation.build(self.config)
-        self.pending = trio.Semaphore(max(1, self.config.proxy.max_pending // self.share))
+        self.pending = PendingSlots(max(1, self.config.proxy.max_pending // self.share))
         self.relays: set[trio.CancelScope] = set()  # cancelled with `stopping` set on drain
         self.stopping = False
         self._accepting = trio.CancelScope()
@@ -264,18 +264,16 @@ class Proxy:
     ) -> None:
         async with sl:
             while True:
-                await (
-                    self.pending.acquire()
-                )  # beyond max_pending, clients wait in the kernel backlog
+                await self.pending.room()  # beyond max_pending, clients wait in the backlog
                 try:
                     stream = await sl.accept()
                 except OSError as exc:
-                    self.pending.release()
                     if exc.errno in ACCEPT_ERRORS:
                         event("accept-failed", logging.ERROR, listener=li.name, msg=str(exc))
                         await trio.sleep(0.1)
                         continue
                     raise
+                self.pending.used += 1
                 nursery.start_soon(self._connection, li, stream)
 
     # -- one connection ---------------------------------------------------------------------
@@ -669,16 +667,37 @@ def listeners_from_fds(config: Config, spec: str) -> list[tuple[Listener, trio.S
     return out
 
 
+class PendingSlots:
+    """max_pending: connections in TLS handshake or before their RQ. An accept loop waits for room
+    without holding a slot (a listener idle in accept() must not take one from the others), and
+    counts its connection once accepted; with several listeners the count can pass the limit by
+    at most one connection per other listener, when they accept at the same moment."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = trio.Event()
+
+    async def room(self) -> None:
+        while self.used >= self.limit:
+            await self._freed.wait()
+
+    def release(self) -> None:
+        self.used -= 1
+        freed, self._freed = self._freed, trio.Event()
+        freed.set()
+
+
 class _Slot:
     """A max_pending slot, released exactly once."""
 
-    def __init__(self, sem: trio.Semaphore) -> None:
-        self._sem: trio.Semaphore | None = sem
+    def __init__(self, slots: PendingSlots) -> None:
+        self._slots: PendingSlots | None = slots
 
     def release(self) -> None:
-        if self._sem is not None:
-            self._sem.release()
-            self._sem = None
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 def _parse_request(raw: bytes) -> pdu.AssociateRequest:

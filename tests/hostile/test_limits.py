@@ -6,7 +6,16 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tests.support import TIMEOUT, LegacyDevice, RawClient, build_rq, running_proxy, wait_until
+from tests.support import (
+    TIMEOUT,
+    LegacyDevice,
+    RawClient,
+    build_rq,
+    client_ssl_context,
+    proxy_stats,
+    running_proxy,
+    wait_until,
+)
 
 
 def config(pki: Path, upstream: str, **proxy: Any) -> dict[str, Any]:
@@ -62,3 +71,28 @@ def test_refusal_flood_is_rate_limited_per_source(
         logged = len(proxy.find(event="association", reason="no-route"))
         assert logged + sum(x["count"] for x in proxy.find(event="suppressed")) == 60
         assert logged < 60 and summary["source"] == "127.0.0.1"
+
+
+def test_beyond_max_pending_connections_wait_in_the_backlog(
+    tmp_path: Path, pki: Path, legacy: LegacyDevice
+) -> None:
+    """Two silent clients hold both pending slots; a third connects (the kernel queues it) but is
+    not taken by the proxy until a slot frees, when the silent ones time out; then it is served."""
+    cfg = config(pki, legacy.address, max_pending=2, handshake_timeout=5.0)
+    cfg["listener"].append({"name": "tls", "bind": "127.0.0.1:0", "tls": "in"})
+    cfg["route"][0]["listeners"] = ["plain", "tls"]
+    with running_proxy(tmp_path, cfg) as proxy:
+        address = proxy.address("tls")
+        silent = [socket.create_connection(address, timeout=TIMEOUT) for _ in range(2)]
+        try:
+            wait_until(lambda: proxy_stats(proxy)["connections"] == 2, what="both slots taken")
+            third = socket.create_connection(address, timeout=TIMEOUT)  # the backlog takes it
+            assert proxy_stats(proxy)["connections"] == 2  # the proxy does not, yet
+            ctx = client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+            with ctx.wrap_socket(third) as tls:  # completes once a silent one timed out
+                tls.sendall(build_rq("CT"))
+                assert tls.recv(6)[0] == 0x02  # the A-ASSOCIATE-AC
+            assert proxy.find(event="association", reason="handshake-timeout")
+        finally:
+            for s in silent:
+                s.close()
