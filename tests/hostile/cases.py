@@ -162,6 +162,26 @@ CASES: list[Case] = [
     Case("tls-silent", b"", "handshake-timeout", "timed-out", b"", STALLED, stall=True),
     Case("rq-header-only", RQ[:6], "handshake-timeout", "timed-out", b"", STALLED, stall=True),
     Case("rq-half", RQ[: len(RQ) // 2], "handshake-timeout", "timed-out", b"", STALLED, stall=True),
+    # -- the wrong protocol on a port: plaintext DICOM to TLS is refused in plaintext DICOM
+    Case(
+        "plaintext-rq-on-tls-port",
+        RQ,
+        "plaintext-on-tls",
+        "rejected",
+        pdu.encode_reject(1, 1, 1),
+        "plaintext DICOM received on TLS listener tls",
+        tls=False,
+    ),
+    Case(
+        "client-hello-on-plaintext-port",
+        client_hello,
+        "tls-on-plaintext",
+        "refused",
+        b"",
+        "TLS handshake received on plaintext listener plain",
+        tls=False,
+        listener="plain",
+    ),
     # -- PDU lengths no peer may announce: judged on the 6-byte header, no body is waited for
     _invalid("rq-length-ffffffff", header(1, 0xFFFFFFFF), "exceeds the limit"),
     _invalid(
