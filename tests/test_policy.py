@@ -223,9 +223,9 @@ def test_problem_is_frozen() -> None:
 def test_good_leaf_has_no_problems(
     ca: tuple[Key, x509.Certificate], leaf: x509.Certificate, purpose: Purpose
 ) -> None:
-    assert check_certificate(leaf, now=NOW, purpose=purpose) == []
+    assert check_certificate(leaf, now=datetime.now(UTC), purpose=purpose) == []
     rsa_leaf = pki.make_leaf(*ca, "rsa-leaf")[1]
-    assert check_certificate(rsa_leaf, now=NOW, purpose=purpose) == []
+    assert check_certificate(rsa_leaf, now=datetime.now(UTC), purpose=purpose) == []
 
 
 def test_expired(ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey) -> None:
@@ -236,7 +236,7 @@ def test_expired(ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePriva
         not_after=datetime(2025, 1, 1, tzinfo=UTC),
         private_key=ec_key,
     )[1]
-    assert check_certificate(cert, now=NOW, purpose="client") == [
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
         Problem(Reason.TLS_EXPIRED, "expired on 2025-01-01 00:00 UTC")
     ]
 
@@ -248,7 +248,7 @@ def test_not_yet_valid(
     cert = pki.make_leaf(
         *ca, "future", not_before=start, not_after=start + DAY, private_key=ec_key
     )[1]
-    assert check_certificate(cert, now=NOW, purpose="server") == [
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="server") == [
         Problem(Reason.TLS_NOT_YET_VALID, "not valid until 2031-02-03 04:05 UTC")
     ]
 
@@ -272,7 +272,7 @@ def test_validity_bounds_are_inclusive_and_naive_now_is_utc(
 
 def test_unknown_purpose_is_a_programming_error(leaf: x509.Certificate) -> None:
     with pytest.raises(ValueError, match="purpose"):
-        check_certificate(leaf, now=NOW, purpose="both")  # type: ignore[arg-type]
+        check_certificate(leaf, now=datetime.now(UTC), purpose="both")  # type: ignore[arg-type]
 
 
 # --- check_certificate: keys --------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_unknown_purpose_is_a_programming_error(leaf: x509.Certificate) -> None:
 def test_rsa_1024_is_weak(ca: tuple[Key, x509.Certificate]) -> None:
     # cryptography 50 still generates RSA-1024 (it refuses below 1024).
     cert = pki.make_leaf(*ca, "small", key_size=1024)[1]
-    assert check_certificate(cert, now=NOW, purpose="client") == [
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
         Problem(Reason.TLS_WEAK_CERTIFICATE, "RSA key of 1024 bits, below the 2048 required")
     ]
 
@@ -302,7 +302,7 @@ def test_ec_key_sizes(
     ca: tuple[Key, x509.Certificate], curve: ec.EllipticCurve, weak: bool
 ) -> None:
     cert = pki.make_leaf(*ca, "ec", private_key=ec.generate_private_key(curve))[1]
-    problems = check_certificate(cert, now=NOW, purpose="server")
+    problems = check_certificate(cert, now=datetime.now(UTC), purpose="server")
     if weak:
         assert problems == [
             Problem(
@@ -320,7 +320,7 @@ def test_dsa_is_weak_whatever_its_size(other_ca: tuple[Key, x509.Certificate]) -
     cert = build(
         subject=_name("dsa"), key=key.public_key(), issuer=ca_cert.subject, issuer_key=ca_key
     )
-    assert check_certificate(cert, now=NOW, purpose="client") == [
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
         Problem(Reason.TLS_WEAK_CERTIFICATE, "DSA key of 2048 bits: DSA keys are not accepted")
     ]
 
@@ -328,7 +328,7 @@ def test_dsa_is_weak_whatever_its_size(other_ca: tuple[Key, x509.Certificate]) -
 def test_ed25519_is_fine() -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     cert = build(subject=_name("ed"), key=key.public_key(), issuer_key=key)
-    assert check_certificate(cert, now=NOW, purpose="client") == []
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == []
 
 
 # --- check_certificate: signature hash ----------------------------------------------------------
@@ -341,9 +341,9 @@ def test_sha1_signed_leaf_is_weak_even_when_pinned(
     cert = pki.make_leaf(ca_key, ca_cert, "sha1", hash_alg=SHA1, private_key=ec_key)[1]
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA1)
     expected = [Problem(Reason.TLS_WEAK_CERTIFICATE, "signed with SHA-1")]
-    assert check_certificate(cert, now=NOW, purpose="client") == expected
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == expected
     # Pinning excuses a certificate's *own* signature only; this one is signed by a CA.
-    assert check_certificate(cert, now=NOW, purpose="client", pinned=True) == expected
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client", pinned=True) == expected
 
 
 @pytest.mark.parametrize("key_kind", ["rsa", "ec"])
@@ -351,8 +351,8 @@ def test_pinned_self_signed_sha1_is_accepted(key_kind: str) -> None:
     private_key = ec.generate_private_key(ec.SECP256R1()) if key_kind == "ec" else None
     cert = pki.make_self_signed("modality", hash_alg=SHA1, private_key=private_key)[1]
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA1)
-    assert check_certificate(cert, now=NOW, purpose="client", pinned=True) == []
-    assert check_certificate(cert, now=NOW, purpose="client") == [
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client", pinned=True) == []
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
         Problem(Reason.TLS_WEAK_CERTIFICATE, "signed with SHA-1")
     ]
 
@@ -365,7 +365,7 @@ def test_pinning_does_not_excuse_anything_else() -> None:
         not_before=datetime(2010, 1, 1, tzinfo=UTC),
         not_after=datetime(2020, 1, 1, tzinfo=UTC),
     )[1]
-    assert check_certificate(cert, now=NOW, purpose="client", pinned=True) == [
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client", pinned=True) == [
         Problem(Reason.TLS_EXPIRED, "expired on 2020-01-01 00:00 UTC"),
         Problem(Reason.TLS_WEAK_CERTIFICATE, "RSA key of 1024 bits, below the 2048 required"),
     ]
@@ -427,12 +427,12 @@ def test_wrong_extended_key_usage(
 ) -> None:
     server_only = pki.make_leaf(*ca, "srv", server=True, client=False, private_key=ec_key)[1]
     client_only = pki.make_leaf(*ca, "cli", server=False, client=True, private_key=ec_key)[1]
-    assert check_certificate(server_only, now=NOW, purpose="server") == []
-    assert check_certificate(server_only, now=NOW, purpose="client") == [
+    assert check_certificate(server_only, now=datetime.now(UTC), purpose="server") == []
+    assert check_certificate(server_only, now=datetime.now(UTC), purpose="client") == [
         Problem(Reason.TLS_WRONG_USAGE, "extended key usage lacks clientAuth (has serverAuth)")
     ]
-    assert check_certificate(client_only, now=NOW, purpose="client") == []
-    assert check_certificate(client_only, now=NOW, purpose="server") == [
+    assert check_certificate(client_only, now=datetime.now(UTC), purpose="client") == []
+    assert check_certificate(client_only, now=datetime.now(UTC), purpose="server") == [
         Problem(Reason.TLS_WRONG_USAGE, "extended key usage lacks serverAuth (has clientAuth)")
     ]
 
@@ -442,7 +442,7 @@ def test_extended_key_usage_names_unknown_oids(
 ) -> None:
     usages = [ExtendedKeyUsageOID.CODE_SIGNING, x509.ObjectIdentifier("1.3.6.1.4.1.99999.1")]
     cert = pki.make_leaf(*ca, "odd", extended_key_usage=usages, private_key=ec_key)[1]
-    assert check_certificate(cert, now=NOW, purpose="client") == [
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
         Problem(
             Reason.TLS_WRONG_USAGE,
             "extended key usage lacks clientAuth (has codeSigning, 1.3.6.1.4.1.99999.1)",
@@ -466,8 +466,8 @@ def test_any_extended_key_usage_and_no_eku_are_accepted(
     no_eku = pki.make_leaf(*ca, "none", server=False, client=False, private_key=ec_key)[1]
     with pytest.raises(x509.ExtensionNotFound):
         no_eku.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-    assert check_certificate(any_usage, now=NOW, purpose=purpose) == []
-    assert check_certificate(no_eku, now=NOW, purpose=purpose) == []
+    assert check_certificate(any_usage, now=datetime.now(UTC), purpose=purpose) == []
+    assert check_certificate(no_eku, now=datetime.now(UTC), purpose=purpose) == []
 
 
 @pytest.mark.parametrize(
@@ -504,14 +504,14 @@ def test_key_usage(
         extensions=[key_usage(**flags)],
     )
     expected = [] if problem is None else [Problem(Reason.TLS_WRONG_USAGE, problem)]
-    assert check_certificate(cert, now=NOW, purpose="client") == expected
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == expected
 
 
 def test_missing_key_usage_is_accepted(
     ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
     cert = pki.make_leaf(*ca, "noku", key_usage=False, private_key=ec_key)[1]
-    assert check_certificate(cert, now=NOW, purpose="server") == []
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="server") == []
 
 
 def test_ca_true_leaf_is_accepted(ec_key: ec.EllipticCurvePrivateKey) -> None:
@@ -525,7 +525,7 @@ def test_ca_true_leaf_is_accepted(ec_key: ec.EllipticCurvePrivateKey) -> None:
             key_usage(digital_signature=True, key_cert_sign=True),
         ],
     )
-    assert check_certificate(cert, now=NOW, purpose="client", pinned=True) == []
+    assert check_certificate(cert, now=datetime.now(UTC), purpose="client", pinned=True) == []
 
 
 def test_all_problems_are_reported_together(ca: tuple[Key, x509.Certificate]) -> None:
@@ -541,7 +541,7 @@ def test_all_problems_are_reported_together(ca: tuple[Key, x509.Certificate]) ->
         not_before=datetime(2019, 1, 1, tzinfo=UTC),
         not_after=datetime(2020, 1, 1, tzinfo=UTC),
     )[1]
-    assert reasons(check_certificate(cert, now=NOW, purpose="client")) == [
+    assert reasons(check_certificate(cert, now=datetime.now(UTC), purpose="client")) == [
         Reason.TLS_EXPIRED,
         Reason.TLS_WEAK_CERTIFICATE,
         Reason.TLS_WEAK_CERTIFICATE,
@@ -555,7 +555,7 @@ def test_duplicate_extensions_are_a_problem_not_an_exception(
     cert = cert_with_duplicate_san(ec_key)
     with pytest.raises(x509.DuplicateExtension):
         _ = cert.extensions
-    problems = check_certificate(cert, now=NOW, purpose="server", pinned=True)
+    problems = check_certificate(cert, now=datetime.now(UTC), purpose="server", pinned=True)
     assert reasons(problems) == [Reason.TLS_WRONG_USAGE]
     assert "extensions cannot be read" in problems[0].message
     assert "DuplicateExtension" in problems[0].message
@@ -793,8 +793,10 @@ def test_openssl_error_codes_empirically(
         assert openssl_error_reason(result[0]) is reason
 
     # OpenSSL and the policy agree on the words for the same certificates.
-    assert reasons(check_certificate(expired, now=NOW, purpose="client")) == [Reason.TLS_EXPIRED]
-    assert reasons(check_certificate(future, now=NOW, purpose="client")) == [
+    assert reasons(check_certificate(expired, now=datetime.now(UTC), purpose="client")) == [
+        Reason.TLS_EXPIRED
+    ]
+    assert reasons(check_certificate(future, now=datetime.now(UTC), purpose="client")) == [
         Reason.TLS_NOT_YET_VALID
     ]
     revoked = check_revocation(leaf, [revoking], NOW)
@@ -997,7 +999,9 @@ def _exercise(
     """Every public function on one certificate: none may raise, whatever it holds."""
     for purpose in ("client", "server"):
         for pinned in (False, True):
-            problems = check_certificate(cert, now=NOW, purpose=purpose, pinned=pinned)
+            problems = check_certificate(
+                cert, now=datetime.now(UTC), purpose=purpose, pinned=pinned
+            )
             assert all(isinstance(problem, Problem) for problem in problems)
     assert isinstance(server_name_matches(cert, name), bool)
     assert all(isinstance(n, str) for n in certificate_names(cert))
@@ -1016,7 +1020,7 @@ def test_server_name_matches_never_raises(leaf: x509.Certificate, name: str) -> 
     assert isinstance(server_name_matches(leaf, name), bool)
     assert isinstance(server_name_matches(leaf, name + ".example.org"), bool)
     assert isinstance(server_name_matches(leaf, "*." + name), bool)
-    assert check_certificate(leaf, now=NOW, purpose="server") == []
+    assert check_certificate(leaf, now=datetime.now(UTC), purpose="server") == []
 
 
 _DNS_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
