@@ -56,14 +56,6 @@ class Endpoint:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
-
 
 def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> Endpoint:
     """Parse `host:port` or `[v6]:port`; raises ValueError with a user-facing message."""
