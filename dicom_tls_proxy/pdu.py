@@ -83,6 +83,7 @@ ITEM_IMPLEMENTATION_CLASS_UID: Final = 0x52
 ITEM_IMPLEMENTATION_VERSION_NAME: Final = 0x55
 
 _HEADER = struct.Struct(">BxI")
+_MAX_LENGTH = 0xFFFFFFFF  # what a 4-byte length can announce
 _ITEM_HEADER = struct.Struct(">BxH")
 _AE_LENGTH = 16
 _CALLED_AE = slice(10, 26)
@@ -336,6 +337,28 @@ class BoundaryTracker:
         end = len(data)
         pos = 0
         while pos < end:
+            if self._type is None and not self._header:
+                # The common case, kept tight: whole P-DATA PDUs one after another (a 256 KiB
+                # chunk holds 16 of 16 KiB). Their only effect is the count; the first PDU of
+                # another type, or one that does not end in this chunk, takes the general path.
+                unpack = _HEADER.unpack_from
+                limit = self._max if self._max is not None else _MAX_LENGTH
+                pdus = self.pdus
+                while end - pos >= HEADER_LENGTH:
+                    pdu_type, length = unpack(data, pos)
+                    if (
+                        pdu_type != P_DATA_TF
+                        or length > limit
+                        or pos + HEADER_LENGTH + length > end
+                    ):
+                        break
+                    pos += HEADER_LENGTH + length
+                    pdus += 1
+                if pdus != self.pdus:
+                    self.pdus = pdus
+                    self.last_type = P_DATA_TF
+                if pos >= end:
+                    break
             if self._type is not None:  # inside a body: skip as much as we have
                 step = min(self._remaining, end - pos)
                 pos += step
