@@ -258,9 +258,7 @@ async def echo(
                 name = server_name or table.server_name or target.host
                 mark = time.perf_counter()
                 try:
-                    tstream = await TlsStream.connect(
-                        cast(trio.SocketStream, recorder), client_context(table), table, name
-                    )
+                    tstream = await TlsStream.connect(recorder, client_context(table), table, name)
                 except TlsFailure as failure:
                     result.certificate = failure.certificate
                     if recorder.first and recorder.first[0] not in TLS_RECORD_TYPES:

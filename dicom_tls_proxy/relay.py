@@ -68,7 +68,7 @@ async def relay(
         if shutdown is not None:
             shutdown.relays.add(idle)
 
-        async def forward(src: _Side, dst: _Side, data: bytes | bytearray) -> bool:
+        async def forward(src: _Side, dst: _Side, data: bytes | bytearray | memoryview) -> bool:
             """Track, cap and send one chunk from src to dst; False when the relay must end."""
             idle.deadline = trio.current_time() + idle_timeout
             try:

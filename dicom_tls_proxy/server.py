@@ -35,6 +35,7 @@ from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.metrics import Metrics
 from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
 from dicom_tls_proxy.relay import relay
+from dicom_tls_proxy.sockio import LeanStream
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
     abort_quietly,
@@ -278,7 +279,8 @@ class Proxy:
 
     # -- one connection ---------------------------------------------------------------------
 
-    async def _connection(self, li: Listener, stream: trio.SocketStream) -> None:
+    async def _connection(self, li: Listener, accepted: trio.SocketStream) -> None:
+        stream = LeanStream(accepted)
         gen = self.gen  # this connection's config, whatever a reload does meanwhile
         li = gen.config.listener(li.name)
         peer = _peer_of(stream)
@@ -387,7 +389,7 @@ class Proxy:
             audit.emit(record)
 
     async def _secure(
-        self, gen: Generation, li: Listener, stream: trio.SocketStream, record: AssociationRecord
+        self, gen: Generation, li: Listener, stream: LeanStream, record: AssociationRecord
     ) -> tuple[tls.ByteStream, PeerIdentity, bytes]:
         """TLS if the listener has it; returns the stream to talk DICOM on, the peer, and bytes
         already read. The first byte tells the protocol: TLS starts with 0x16, an A-ASSOCIATE-RQ
@@ -432,7 +434,7 @@ class Proxy:
         self,
         gen: Generation,
         li: Listener,
-        stream: trio.SocketStream,
+        stream: LeanStream,
         record: AssociationRecord,
         initial: bytes,
     ) -> tuple[tls.TlsStream, PeerIdentity]:
@@ -480,7 +482,9 @@ class Proxy:
         timeout = gen.config.proxy.connect_timeout
         with trio.move_on_after(timeout) as scope:
             try:
-                sock = await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+                sock = LeanStream(
+                    await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
+                )
             except OSError as exc:
                 raise Refused(
                     Reason.UPSTREAM_UNREACHABLE, f"{route.upstream}: {os_error_text(exc)}"
@@ -719,7 +723,7 @@ def _describe_request(record: AssociationRecord, rq: pdu.AssociateRequest) -> No
     record.abstract_syntaxes = names
 
 
-def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
+def _peer_of(stream: LeanStream) -> tuple[str, int]:
     try:
         name = stream.socket.getpeername()
         return str(name[0]), int(name[1])

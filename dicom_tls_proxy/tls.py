@@ -12,7 +12,8 @@ memory BIO (in 32 KiB slices, so OpenSSL's BIOs, which never shrink, stay small)
 OpenSSL has nothing more, then returns all of it at once. Writes are encrypted the same way and go
 out in one `send_all`. Every path that writes ciphertext (application data, but also TLS 1.3
 tickets and KeyUpdate answers produced while reading) drains the outgoing BIO under one lock, so
-records leave in the order OpenSSL made them. TCP_NODELAY is set by `trio.SocketStream` itself.
+records leave in the order OpenSSL made them. TCP_NODELAY is set by `trio.SocketStream` itself; the
+proxy hands this stream a `sockio.LeanStream`, which passes through the scheduler once per chunk.
 
 This module never logs and never decides routing: it reports a `TlsFailure` with a `Reason`.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import trio
 from cryptography import x509
@@ -38,6 +39,7 @@ from dicom_tls_proxy.vocabulary import Reason
 RECEIVE_SIZE = 256 * 1024  # one socket read; large, so one wake-up moves many records
 SLICE = 32 * 1024  # what goes through OpenSSL's memory BIOs at a time
 RECORD = 16 * 1024  # the most plaintext one TLS record carries
+RECORD_OVERHEAD = 64  # more than a record adds: header, explicit nonce, CBC padding and MAC, tag
 
 Purpose = Literal["client", "server"]
 
@@ -50,13 +52,16 @@ OVERRIDABLE: frozenset[Reason] = frozenset(
         Reason.TLS_WRONG_USAGE,
     }
 )
-try:  # pyOpenSSL's cffi bindings: decrypt and drain without its per-record copies
+# pyOpenSSL's cffi bindings: decrypt into and drain straight from our buffers, without its copies.
+_NEEDED = ("SSL_read", "SSL_write", "BIO_read", "BIO_get_mem_data", "X509_verify_cert_error_string")
+try:
     from OpenSSL._util import ffi as _ffi
     from OpenSSL._util import lib as _lib
 
-    _FAST = all(hasattr(_lib, name) for name in ("SSL_read", "BIO_read")) and all(
+    _FAST = all(hasattr(_lib, name) for name in _NEEDED) and all(
         hasattr(SSL.Connection, name) for name in ("_raise_ssl_error",)
     )
+    _uninitialised = _ffi.new_allocator(should_clear_after_alloc=False)
 except ImportError:  # pragma: no cover - pyOpenSSL reorganised: the public API still works
     _FAST = False
 _BCP195_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -69,7 +74,9 @@ _LEGACY_CIPHERS = (
 class ByteStream(Protocol):
     """What the relay needs of either side: a plain `trio.SocketStream` or a `TlsStream`."""
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
+    async def receive_some(
+        self, max_bytes: int | None = None
+    ) -> bytes | bytearray | memoryview: ...
     async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
     async def send_eof(self) -> None: ...
     async def aclose(self) -> None: ...
@@ -101,12 +108,9 @@ class _Verification:
 
 
 def _openssl_error_text(errnum: int) -> str:
-    try:
-        from OpenSSL._util import ffi, lib
-
-        return str(ffi.string(lib.X509_verify_cert_error_string(errnum)).decode())
-    except Exception:  # pragma: no cover - private API moved
-        return f"verification error {errnum}"
+    if _FAST:
+        return str(_ffi.string(_lib.X509_verify_cert_error_string(errnum)).decode())
+    return f"verification error {errnum}"  # pragma: no cover - pyOpenSSL without its internals
 
 
 def _verify_callback(
@@ -306,17 +310,78 @@ def split_cipher(name: str) -> tuple[str, str]:
     return f"{enc}-CBC", mac
 
 
+class _Buffer:
+    """Bytes OpenSSL writes for us: plaintext from SSL_read, ciphertext from the outgoing BIO.
+    With pyOpenSSL's internals at hand it is uninitialised C memory that OpenSSL fills directly:
+    a `bytearray` would be zeroed first, and pyOpenSSL's `recv`/`bio_read` copy every read once
+    more. `view()` hands it on without a copy; nothing keeps it once the relay has sent it."""
+
+    __slots__ = ("buffer", "pos", "room")
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.pos = 0
+        self.buffer: Any = _uninitialised("char[]", room) if _FAST else bytearray(room)
+
+    def reserve(self, n: int) -> None:
+        """At least `n` bytes of room after `pos`."""
+        if self.room - self.pos >= n:
+            return
+        room = max(2 * self.room, self.pos + n)
+        if _FAST:
+            bigger = _uninitialised("char[]", room)
+            _ffi.memmove(bigger, self.buffer, self.pos)
+            self.buffer = bigger
+        else:  # pragma: no cover - pyOpenSSL without its cffi internals
+            self.buffer.extend(bytes(room - self.room))
+        self.room = room
+
+    def view(self) -> memoryview:
+        if _FAST:
+            return memoryview(_ffi.buffer(self.buffer, self.pos))
+        return memoryview(self.buffer)[: self.pos]  # pragma: no cover
+
+
+def _drain(conn: SSL.Connection, out: _Buffer) -> None:
+    """Append all ciphertext OpenSSL has written to its outgoing BIO so far."""
+    while True:
+        if _FAST:
+            pending = _lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL)  # bytes waiting in the BIO
+            if pending <= 0:
+                return
+            out.reserve(pending)
+            n = _lib.BIO_read(conn._from_ssl, out.buffer + out.pos, pending)
+        else:  # pragma: no cover - pyOpenSSL without its cffi internals
+            out.reserve(RECORD + RECORD_OVERHEAD)
+            try:
+                chunk = conn.bio_read(out.room - out.pos)
+            except SSL.WantReadError:
+                return
+            n = len(chunk)
+            out.buffer[out.pos : out.pos + n] = chunk
+        out.pos += n
+
+
+def _has_output(conn: SSL.Connection) -> bool:
+    """Whether OpenSSL wrote ciphertext that waits to be sent (without reading it out)."""
+    return not _FAST or _lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL) > 0
+
+
 class TlsStream:
     """A TLS connection over a trio socket stream through memory BIOs (see the module docstring)."""
 
     def __init__(
-        self, transport: trio.SocketStream, conn: SSL.Connection, verification: _Verification
+        self,
+        transport: trio.abc.HalfCloseableStream,
+        conn: SSL.Connection,
+        verification: _Verification,
     ):
         self.transport = transport
         self._conn = conn
         self._verification = verification
         self._send_lock = trio.Lock()
         self._eof = False
+        self._buffered = True  # the handshake may have left application data in the BIO
         self._error = ""
         conn.set_app_data(verification)
 
@@ -324,7 +389,11 @@ class TlsStream:
 
     @classmethod
     async def accept(
-        cls, transport: trio.SocketStream, ctx: SSL.Context, table: TlsTable, initial: bytes = b""
+        cls,
+        transport: trio.abc.HalfCloseableStream,
+        ctx: SSL.Context,
+        table: TlsTable,
+        initial: bytes = b"",
     ) -> TlsStream:
         """Server side handshake. `initial` is what the caller already read from the socket."""
         conn = SSL.Connection(ctx, None)
@@ -337,7 +406,11 @@ class TlsStream:
 
     @classmethod
     async def connect(
-        cls, transport: trio.SocketStream, ctx: SSL.Context, table: TlsTable, server_name: str
+        cls,
+        transport: trio.abc.HalfCloseableStream,
+        ctx: SSL.Context,
+        table: TlsTable,
+        server_name: str,
     ) -> TlsStream:
         """Client side handshake; `server_name` is checked against the certificate, sent as SNI."""
         conn = SSL.Connection(ctx, None)
@@ -409,14 +482,15 @@ class TlsStream:
 
     # -- moving bytes -----------------------------------------------------------------------
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray | memoryview:
         """All plaintext available now (may exceed `max_bytes`); b"" at the end of the stream."""
         while True:
-            # The peer's first bytes may have come with its last handshake flight.
-            out = self._decrypt()
-            await self._flush()  # reading can produce records to send (KeyUpdate, alerts)
-            if out:
-                return out
+            if self._buffered:  # the peer's first bytes may have come with its last flight
+                self._buffered = False
+                out = self._decrypt(b"")
+                await self._flush()
+                if out:
+                    return out
             self._raise_if_broken()
             if self._eof:
                 return b""
@@ -424,53 +498,49 @@ class TlsStream:
             if not data:  # TCP close without close_notify: normal for DICOM after A-RELEASE
                 self._eof = True
                 return b""
-            out = self._feed(data)
-            await self._flush()
+            out = self._decrypt(data)
+            del data
+            await self._flush()  # reading can produce records to send (KeyUpdate, alerts)
             if out:
                 return out
-            self._raise_if_broken()
 
     def _raise_if_broken(self) -> None:
         """A fatal TLS error while reading is a broken stream, like a reset, above."""
         if self._error:
             raise trio.BrokenResourceError(self._error)
 
-    def _feed(self, data: bytes | bytearray) -> bytearray:
+    def _decrypt(self, data: bytes | bytearray | memoryview) -> memoryview:
         """Ciphertext in, in slices (OpenSSL's memory BIOs never shrink); plaintext out, all of it
-        decrypted straight into one buffer for the whole chunk."""
+        decrypted straight into one buffer for the whole chunk. Plaintext is shorter than its
+        ciphertext; the extra records are for one OpenSSL held back from an earlier chunk and for
+        the room each SSL_read asks for."""
         view = memoryview(data)
-        out = bytearray(len(view) + 2 * RECORD)
-        pos = 0
-        for start in range(0, len(view), SLICE):
-            self._conn.bio_write(view[start : start + SLICE])
-            out, pos = self._decrypt_into(out, pos)
-            if self._eof or self._error:
-                break
-        del out[pos:]
-        return out
+        out = _Buffer(len(view) + 2 * RECORD)
+        conn = self._conn
+        start = 0
+        while True:
+            if start < len(view):
+                conn.bio_write(view[start : start + SLICE])
+                start += SLICE
+            self._decrypt_into(out)
+            if self._eof or self._error or start >= len(view):
+                return out.view()
 
-    def _decrypt(self) -> bytearray:
-        out, pos = self._decrypt_into(bytearray(2 * RECORD), 0)
-        del out[pos:]
-        return out
-
-    def _decrypt_into(self, out: bytearray, pos: int) -> tuple[bytearray, int]:
-        """Every record OpenSSL can decrypt now, appended at `pos` (the buffer grows if needed).
-        With pyOpenSSL's internals at hand, SSL_read writes into `out` directly: pyOpenSSL's own
-        `recv` would decrypt into a temporary buffer and copy it out again, per 16 KiB record."""
+    def _decrypt_into(self, out: _Buffer) -> None:
+        """Every record OpenSSL can decrypt now, appended to `out`. With pyOpenSSL's internals at
+        hand, SSL_read writes into `out` directly: pyOpenSSL's own `recv` would decrypt into a
+        temporary buffer and copy it out again, per 16 KiB record."""
         conn = self._conn
         while True:
-            if len(out) - pos < RECORD:
-                out.extend(bytes(4 * RECORD))
+            out.reserve(RECORD)
             try:
                 if _FAST:
-                    with _ffi.from_buffer(out) as buffer:
-                        n = _lib.SSL_read(conn._ssl, buffer + pos, len(out) - pos)
+                    n = _lib.SSL_read(conn._ssl, out.buffer + out.pos, out.room - out.pos)
                     if n <= 0:
                         conn._raise_ssl_error(conn._ssl, n)
-                else:
-                    n = conn.recv_into(memoryview(out)[pos:])
-                pos += n
+                else:  # pragma: no cover - pyOpenSSL without its cffi internals
+                    n = conn.recv_into(memoryview(out.buffer)[out.pos :])
+                out.pos += n
             except SSL.WantReadError:
                 break
             except (SSL.ZeroReturnError, SSL.SysCallError):  # close_notify, or a TCP close
@@ -479,54 +549,52 @@ class TlsStream:
             except SSL.Error as exc:  # bad record, or a fatal alert from the peer
                 self._error = f"TLS error: {_ssl_error_text(exc)}"
                 break
-        return out, pos
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        out = bytearray(len(view) + len(view) // 64 + 4 * RECORD)  # room for record overhead
-        pos = 0
+        size = len(view)
+        # Room for the whole chunk's ciphertext: the drain grows it if OpenSSL ever writes more.
+        out = _Buffer(size + (size // RECORD + 1) * RECORD_OVERHEAD)
+        conn = self._conn
         try:
-            for start in range(0, len(view), SLICE):
-                self._conn.sendall(view[start : start + SLICE])
-                out, pos = self._drain_into(out, pos)
+            if _FAST:  # SSL_write straight from the caller's buffer, no per-slice wrapper
+                with _ffi.from_buffer(view) as src:
+                    start = 0
+                    while start < size:
+                        n = _lib.SSL_write(conn._ssl, src + start, min(SLICE, size - start))
+                        if n <= 0:
+                            conn._raise_ssl_error(conn._ssl, n)
+                        start += n
+                        _drain(conn, out)
+            else:  # pragma: no cover - pyOpenSSL without its cffi internals
+                for start in range(0, size, SLICE):
+                    conn.sendall(view[start : start + SLICE])
+                    _drain(conn, out)
         except SSL.Error as exc:
             raise trio.BrokenResourceError(f"TLS error: {_ssl_error_text(exc)}") from None
-        del out[pos:]
-        await self._send_ciphertext(out)
-
-    def _drain_into(self, out: bytearray, pos: int) -> tuple[bytearray, int]:
-        """All ciphertext OpenSSL has written, appended to `out` at `pos`."""
-        conn = self._conn
-        while True:
-            if len(out) - pos < RECORD:
-                out.extend(bytes(4 * RECORD))
-            if _FAST:
-                with _ffi.from_buffer(out) as buffer:
-                    n = _lib.BIO_read(conn._from_ssl, buffer + pos, len(out) - pos)
-                if n <= 0:
-                    return out, pos
-            else:
-                try:
-                    chunk = conn.bio_read(len(out) - pos)
-                except SSL.WantReadError:
-                    return out, pos
-                n = len(chunk)
-                out[pos : pos + n] = chunk
-            pos += n
+        await self._send_ciphertext(out.view())
 
     async def _flush(self) -> None:
-        out, pos = self._drain_into(bytearray(4 * RECORD), 0)
-        if pos:
-            del out[pos:]
-            await self._send_ciphertext(out)
+        if not _has_output(self._conn):
+            return
+        out = _Buffer(4 * RECORD)
+        _drain(self._conn, out)
+        await self._send_ciphertext(out.view())
 
-    async def _send_ciphertext(self, data: bytearray) -> None:
+    async def _send_ciphertext(self, data: memoryview) -> None:
         """Ciphertext is drained from the BIO synchronously and sent in FIFO lock order, so
         records from the reading and the writing task leave in the order OpenSSL made them."""
         if not data:
             return
-        async with self._send_lock:
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:  # nobody waits (trio hands a released lock straight to the next waiter): no yield
+            lock.acquire_nowait()
+        try:
             await self.transport.send_all(data)
+        finally:
+            lock.release()
 
     async def _flush_quietly(self) -> None:
         try:
