@@ -236,7 +236,8 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 @contextmanager
 def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
-    """A py-spy flame graph (Python and native frames) of `pid` while the block runs; nothing
+    """A py-spy profile (Python and native frames) of `pid` while the block runs: a flame graph
+    for `.svg`, collapsed stacks (what speedscope and flamegraph.pl read) otherwise; nothing
     when `output` is None. Sampling stops the process 100 times a second: a profiled run's
     numbers are not comparable with an unprofiled one's."""
     if pid is None or output is None:
@@ -245,10 +246,11 @@ def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
     exe = shutil.which("py-spy")
     if exe is None:
         raise BenchmarkError("py-spy is not installed: pip install py-spy")
+    fmt = "flamegraph" if output.suffix == ".svg" else "raw"  # raw: collapsed stacks, one per line
     log = output.with_suffix(".log")
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--native", "--output", str(output)],
+            [exe, "record", "--pid", str(pid), "--native", "--format", fmt, "--output", str(output)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -91,7 +91,7 @@ def measure_one(
     name = f"{workload}-{round_ + 1}-{setup.name}"
     folder = work / name
     folder.mkdir()
-    profile = profiles / f"{name}.svg" if profiles and setup.middlebox == "proxy" else None
+    profile = profiles / f"{name}.txt" if profiles and setup.middlebox == "proxy" else None
     upstream = upstream_for(workload)
     # storescp --fork does not wait for its children: their CPU would look like another's.
     other_load = run.machine if upstream != "storescp-fork" else {}
