@@ -455,9 +455,6 @@ def _build(r: _Reader, data: dict[str, Any], now: datetime) -> Config:
             lambda t: parse_endpoint(t, allow_port_zero=True),
         )
     )
-    if metrics.bind is not None and proxy.workers > 1:
-        # Each worker has its own counters; serving one worker's would be silently wrong.
-        r.error("metrics.bind", "metrics with workers > 1 is not supported yet (set workers = 1)")
     tls_data = r.table(data.get("tls", {}), "tls")
     tables: dict[str, TlsTable] = {}
     for name, table in tls_data.items():

@@ -12,20 +12,31 @@ reasons are configured names or the vocabulary's words; AE titles are never labe
 association that matched no configured route counts under route `_other`. Certificate and CRL
 times are computed at scrape time from the generation in force, so they follow a reload.
 
-Registry: one `CollectorRegistry` per process. With `workers > 1` the numbers would have to be
-gathered from every worker; that is not built yet, so the config refuses `[metrics]` there.
+With `workers = 1` one process counts and serves, from one `CollectorRegistry`. With `workers = N`
+the supervisor serves the pages (`WorkersMetrics`) and the workers count (`Metrics` with a
+`folder`): prometheus_client's multiprocess mode. The supervisor makes a private folder (0700,
+removed at exit) and hands it to the workers as PROMETHEUS_MULTIPROC_DIR; each worker writes its
+counters and histograms to its own mmap files there, and `MultiProcessCollector` sums them at
+scrape time. A dead worker's counter files stay, so totals never go backwards on a restart; its
+live gauge (active associations) is dropped by `mark_process_dead`. What is not a sum comes from a
+small JSON status file each worker rewrites (atomically) when it changes, checked every second:
+whether it serves (for /readyz), the absolute expiry times of its generation's certificates and
+CRLs (the same files in every worker; worker 0's are shown, so they follow a reload), and the
+route health checks, which only worker 0 runs. The audit counters, read from the writers in a single
+process, are added to multiprocess counters by the same one-second task.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from cryptography import x509
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -35,10 +46,12 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import AssociationRecord, RateLimiter, event
-from dicom_tls_proxy.config import Endpoint
+from dicom_tls_proxy.config import Config, Endpoint
 from dicom_tls_proxy.streams import STREAM_ERRORS, aclose_quietly, answer_and_close
 from dicom_tls_proxy.vocabulary import Outcome
 
@@ -53,6 +66,8 @@ TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0  # seconds for the whole request head; a slow client is closed
 MAX_CLIENTS = 16
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it once, at import
+STATUS_INTERVAL = 1.0  # seconds between a worker's looks at what it reports to the supervisor
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -68,120 +83,15 @@ _REASONS = {
 }
 
 
-class Metrics:
-    """The proxy's metrics (a sink of `audit.emit`) and the HTTP server that shows them."""
+class _Pages:
+    """The HTTP server; a subclass says what each path answers (`page`)."""
 
-    def __init__(
-        self, proxy: Proxy, trail: AuditFile | None = None, syslog: SyslogSink | None = None
-    ) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series: noise
-        self.proxy = proxy
-        self.listening: list[str] | None = None  # bound addresses once every listener serves
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.associations = Counter(
-            f"{PREFIX}_associations",
-            "Connections ended, by listener, configured route (else _other) and outcome",
-            ["listener", "route", "outcome"],
-            registry=r,
-        )
-        self.refusals = Counter(
-            f"{PREFIX}_refusals",
-            "Connections that did not complete (the log's rate-limited lines), by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.tls_failures = Counter(
-            f"{PREFIX}_tls_handshake_failures",
-            "Inbound TLS handshakes failed or peer certificates refused, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.active = Gauge(
-            f"{PREFIX}_active_associations", "Associations being relayed now", registry=r
-        )
-        self.active.set_function(lambda: float(proxy.active))
-        self.bytes = Counter(
-            f"{PREFIX}_bytes",
-            "Bytes relayed, counted when an association ends; up = client to upstream",
-            ["direction"],
-            registry=r,
-        )
-        for direction in ("up", "down"):
-            self.bytes.labels(direction)
-        self.duration = Histogram(
-            f"{PREFIX}_association_duration_seconds",
-            "Connection lifetime, from accept to the end",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.handshake = Histogram(
-            f"{PREFIX}_handshake_seconds",
-            "Time from accept to the inbound TLS session established",
-            buckets=HANDSHAKE_BUCKETS,
-            registry=r,
-        )
-        r.register(_CertificateTimes(proxy))
-        r.register(_AuditCounters(trail, syslog))
-        r.register(_UpstreamHealth(proxy))
+    def __init__(self) -> None:
         self._errors = RateLimiter(burst=1, interval=60.0)
-
-    # -- the sink interface -----------------------------------------------------------------
-
-    def association(self, record: AssociationRecord, fields: dict[str, Any]) -> None:
-        routes = {route.name for route in self.proxy.gen.config.routes}
-        route = record.route if record.route in routes else OTHER_ROUTE
-        self.associations.labels(record.listener, route, record.outcome).inc()
-        if record.outcome != Outcome.COMPLETED:
-            self.refusals.labels(record.reason).inc()
-        if record.outcome == Outcome.TLS_FAILED:
-            self.tls_failures.labels(record.reason).inc()
-        self.bytes.labels("up").inc(record.bytes_up)
-        self.bytes.labels("down").inc(record.bytes_down)
-        self.duration.observe(record.duration_s)
-        handshake = record.handshake_s
-        if handshake is not None:
-            self.handshake.observe(handshake)
-
-    def event(self, fields: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    # -- pages ------------------------------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        """Every listener bound and serving with a loaded config; false again while draining,
-        so a load balancer stops sending new peers."""
-        return self.listening is not None and not self.proxy.stopping
 
     def page(self, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for a path."""
-        if path == "/metrics":
-            return 200, TEXT_FORMAT, generate_latest(self.registry)
-        if path == "/healthz":
-            return 200, "text/plain; charset=utf-8", b"ok\n"
-        if path == "/readyz":
-            body = {
-                "ready": self.ready,
-                "listeners": list(self.listening or []),
-                "config": str(self.proxy.gen.config.path),
-                # Route health checks inform; they never make the proxy unready.
-                "routes": {
-                    name: health.as_json()
-                    for name, health in sorted(self.proxy.health.results.items())
-                },
-            }
-            return (
-                200 if self.ready else 503,
-                "application/json",
-                (json.dumps(body) + "\n").encode(),
-            )
-        return 404, "text/plain; charset=utf-8", b"not found\n"
-
-    # -- the HTTP server --------------------------------------------------------------------
+        raise NotImplementedError
 
     async def serve(
         self,
@@ -252,6 +162,254 @@ class Metrics:
             event("metrics-error", logging.ERROR, msg=f"{what}: {type(exc).__name__}: {exc}")
 
 
+def _pages(
+    path: str, registry: CollectorRegistry, readyz: Callable[[], tuple[bool, dict[str, Any]]]
+) -> tuple[int, str, bytes]:
+    """The three pages; `readyz` gives the readiness and the rest of its JSON body."""
+    if path == "/metrics":
+        return 200, TEXT_FORMAT, generate_latest(registry)
+    if path == "/healthz":
+        return 200, "text/plain; charset=utf-8", b"ok\n"
+    if path == "/readyz":
+        ready, details = readyz()
+        body = {"ready": ready, **details}
+        return (
+            200 if ready else 503,
+            "application/json",
+            (json.dumps(body) + "\n").encode(),
+        )
+    return 404, "text/plain; charset=utf-8", b"not found\n"
+
+
+class Metrics(_Pages):
+    """The proxy's metrics (a sink of `audit.emit`) and the HTTP server that shows them; with
+    `folder` (a worker of `workers = N`), the metrics only: written to the supervisor's folder,
+    with this worker's status beside them, for the supervisor to serve."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        trail: AuditFile | None = None,
+        syslog: SyslogSink | None = None,
+        *,
+        folder: Path | None = None,
+    ) -> None:
+        super().__init__()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series: noise
+        self.proxy = proxy
+        self.trail = trail
+        self.syslog = syslog
+        self.folder = folder
+        self.listening: list[str] | None = None  # bound addresses once every listener serves
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.associations = Counter(
+            f"{PREFIX}_associations",
+            "Connections ended, by listener, configured route (else _other) and outcome",
+            ["listener", "route", "outcome"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            f"{PREFIX}_refusals",
+            "Connections that did not complete (the log's rate-limited lines), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.tls_failures = Counter(
+            f"{PREFIX}_tls_handshake_failures",
+            "Inbound TLS handshakes failed or peer certificates refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.active = Gauge(
+            f"{PREFIX}_active_associations",
+            "Associations being relayed now",
+            registry=r,
+            multiprocess_mode="livesum",  # the sum over the workers alive
+        )
+        self.bytes = Counter(
+            f"{PREFIX}_bytes",
+            "Bytes relayed, counted when an association ends; up = client to upstream",
+            ["direction"],
+            registry=r,
+        )
+        for direction in ("up", "down"):
+            self.bytes.labels(direction)
+        self.duration = Histogram(
+            f"{PREFIX}_association_duration_seconds",
+            "Connection lifetime, from accept to the end",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.handshake = Histogram(
+            f"{PREFIX}_handshake_seconds",
+            "Time from accept to the inbound TLS session established",
+            buckets=HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        if folder is None:
+            self.active.set_function(lambda: float(proxy.active))
+            r.register(_CertificateTimes(lambda: tls_times(proxy.gen.config)))
+            r.register(_AuditCounters(trail, syslog))
+            r.register(_UpstreamHealth(lambda: route_health(proxy)))
+        else:
+            # A multiprocess gauge is a file: it must be written when the number changes.
+            proxy.on_active = self.active.set
+            self._audit = [
+                (Counter(f"{PREFIX}_{name}", doc, registry=r), what, attribute)
+                for name, doc, what, attribute in AUDIT_COUNTERS
+            ]
+            self._audit_seen = [0] * len(AUDIT_COUNTERS)
+            self._status_path = folder / f"worker-{audit.worker_index or 0}.json"
+            self._status_written = ""
+            self._changed = trio.Event()
+
+    # -- the sink interface -----------------------------------------------------------------
+
+    def association(self, record: AssociationRecord, fields: dict[str, Any]) -> None:
+        routes = {route.name for route in self.proxy.gen.config.routes}
+        route = record.route if record.route in routes else OTHER_ROUTE
+        self.associations.labels(record.listener, route, record.outcome).inc()
+        if record.outcome != Outcome.COMPLETED:
+            self.refusals.labels(record.reason).inc()
+        if record.outcome == Outcome.TLS_FAILED:
+            self.tls_failures.labels(record.reason).inc()
+        self.bytes.labels("up").inc(record.bytes_up)
+        self.bytes.labels("down").inc(record.bytes_down)
+        self.duration.observe(record.duration_s)
+        handshake = record.handshake_s
+        if handshake is not None:
+            self.handshake.observe(handshake)
+
+    def event(self, fields: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.folder is not None:  # the audit counters' last increments, the last status
+            self.publish_now()
+
+    # -- pages ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Every listener bound and serving with a loaded config; false again while draining,
+        so a load balancer stops sending new peers."""
+        return self.listening is not None and not self.proxy.stopping
+
+    def page(self, path: str) -> tuple[int, str, bytes]:
+        return _pages(path, self.registry, self._readyz)
+
+    def _readyz(self) -> tuple[bool, dict[str, Any]]:
+        return self.ready, {
+            "listeners": list(self.listening or []),
+            "config": str(self.proxy.gen.config.path),
+            # Route health checks inform; they never make the proxy unready.
+            "routes": route_health(self.proxy),
+        }
+
+    # -- a worker's report to the supervisor ------------------------------------------------
+
+    async def publish(self) -> None:
+        """With `folder`: every second, and at once after `changed()`, add the audit writers'
+        new counts to the shared counters and rewrite the status file if it changed."""
+        while True:
+            self.publish_now()
+            with trio.move_on_after(STATUS_INTERVAL):
+                await self._changed.wait()
+            self._changed = trio.Event()
+
+    def changed(self) -> None:
+        """Something the status shows changed (the listeners serve): publish it now."""
+        if self.folder is not None:
+            self._changed.set()
+
+    def publish_now(self) -> None:
+        try:
+            self._publish()
+        except Exception as exc:  # the status is for the supervisor: never a reason to crash
+            self._error("status", exc)
+
+    def _publish(self) -> None:
+        values = _audit_values(self.trail, self.syslog)
+        for i, (counter, _, _) in enumerate(self._audit):
+            if values[i] > self._audit_seen[i]:
+                counter.inc(values[i] - self._audit_seen[i])
+                self._audit_seen[i] = values[i]
+        status = json.dumps(
+            {
+                "pid": os.getpid(),
+                "ready": self.ready,
+                "listeners": list(self.listening or []),
+                "config": str(self.proxy.gen.config.path),
+                "tls": tls_times(self.proxy.gen.config),
+                "routes": route_health(self.proxy),
+            },
+            sort_keys=True,
+        )
+        if status == self._status_written:
+            return
+        temporary = self._status_path.with_suffix(".tmp")
+        temporary.write_text(status)
+        os.replace(temporary, self._status_path)  # the supervisor never reads half a file
+        self._status_written = status
+
+
+class WorkersMetrics(_Pages):
+    """The supervisor's pages with `workers = N`: the workers' metrics summed from `folder`,
+    and ready when every worker is."""
+
+    def __init__(
+        self,
+        config: Config,
+        folder: Path,
+        listeners: list[str],
+        pids: Callable[[], list[int | None]],
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.folder = folder
+        self.listeners = listeners  # the sockets the supervisor bound
+        self.pids = pids  # each worker slot's running process, None while it is restarted
+        self.stopping = False
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=str(folder))  # type: ignore[no-untyped-call]
+        self.registry.register(_CertificateTimes(lambda: self.status(0).get("tls", {})))
+        self.registry.register(_UpstreamHealth(lambda: self.status(0).get("routes", {})))
+
+    def status(self, index: int) -> dict[str, Any]:
+        """What worker `index` last reported ({} before it did); possibly from a dead process,
+        which the certificate times and route health may still show."""
+        try:
+            status = json.loads((self.folder / f"worker-{index}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return status if isinstance(status, dict) else {}
+
+    def worker_died(self, pid: int) -> None:
+        """Forget a dead worker's live gauges; its counters stay in the totals."""
+        mark_process_dead(pid, str(self.folder))  # type: ignore[no-untyped-call]
+
+    def workers(self) -> list[dict[str, Any]]:
+        out = []
+        for index, pid in enumerate(self.pids()):
+            status = self.status(index)
+            ready = pid is not None and status.get("pid") == pid and status.get("ready") is True
+            out.append({"worker": index, "pid": pid, "ready": ready})
+        return out
+
+    def page(self, path: str) -> tuple[int, str, bytes]:
+        return _pages(path, self.registry, self._readyz)
+
+    def _readyz(self) -> tuple[bool, dict[str, Any]]:
+        workers = self.workers()
+        return not self.stopping and all(w["ready"] for w in workers), {
+            "listeners": self.listeners,
+            "config": str(self.config.path),
+            "routes": self.status(0).get("routes", {}),  # worker 0 runs the checks
+            "workers": workers,
+        }
+
+
 async def open_listeners(bind: Endpoint) -> list[trio.SocketListener]:
     """Bind the metrics address (OSError if it cannot be)."""
     host = None if bind.host in ("", "*") else bind.host
@@ -292,15 +450,40 @@ def _address(addr: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def tls_times(config: Config) -> dict[str, dict[str, Any]]:
+    """Per TLS table, as POSIX times: the soonest notAfter of its served chain ("certificate")
+    and of its CAs ("ca"), and the nextUpdate of each of its CRLs ("crls", None for none).
+    Absolute, so a worker can hand them to the supervisor and they stay true."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in sorted(config.tls.items()):
+        times: dict[str, Any] = {}
+        own = [table.identity.certificate, *table.identity.chain] if table.identity else []
+        for kind, certs in (("certificate", own), ("ca", list(table.ca_certificates))):
+            if certs:
+                times[kind] = min(c.not_valid_after_utc.timestamp() for c in certs)
+        if table.crls:
+            times["crls"] = [
+                c.next_update_utc.timestamp() if c.next_update_utc else None for c in table.crls
+            ]
+        out[name] = times
+    return out
+
+
+def route_health(proxy: Proxy) -> dict[str, dict[str, Any]]:
+    """The last health check of each checked route, as /readyz shows it."""
+    return {name: health.as_json() for name, health in sorted(proxy.health.results.items())}
+
+
 class _CertificateTimes(Collector):
     """Seconds until the configured certificates and CAs expire, and until CRLs need replacing,
-    per TLS table; the soonest of each kind, the one an alert must catch. Negative: past."""
+    per TLS table; the soonest of each kind, the one an alert must catch. Negative: past.
+    `times` gives what `tls_times` returns, for the generation in force."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, times: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.times = times
 
     def collect(self) -> Iterable[Metric]:
-        now = datetime.now(UTC)
+        now = time.time()
         expiry = GaugeMetricFamily(
             f"{PREFIX}_certificate_expiry_seconds",
             "Seconds until notAfter of the soonest-expiring certificate (the served chain) "
@@ -312,25 +495,49 @@ class _CertificateTimes(Collector):
             "Seconds until the soonest nextUpdate of a TLS table's CRLs (0 when one has none)",
             labels=["tls"],
         )
-        for name, table in sorted(self.proxy.gen.config.tls.items()):
-            own = [table.identity.certificate, *table.identity.chain] if table.identity else []
-            for kind, certs in (("certificate", own), ("ca", list(table.ca_certificates))):
-                if certs:
-                    expiry.add_metric([name, kind], _soonest(certs, now))
-            if table.crls:
+        for name, times in sorted(self.times().items()):
+            for kind in ("certificate", "ca"):
+                if kind in times:
+                    expiry.add_metric([name, kind], times[kind] - now)
+            if times.get("crls"):
                 crl_next.add_metric(
-                    [name],
-                    min(
-                        (c.next_update_utc - now).total_seconds() if c.next_update_utc else 0.0
-                        for c in table.crls
-                    ),
+                    [name], min(t - now if t is not None else 0.0 for t in times["crls"])
                 )
         yield expiry
         yield crl_next
 
 
-def _soonest(certs: list[x509.Certificate], now: datetime) -> float:
-    return min((c.not_valid_after_utc - now).total_seconds() for c in certs)
+# The audit writers' own counts (name, help, sink, attribute): 0 without the sink.
+AUDIT_COUNTERS = (
+    (
+        "audit_dropped",
+        "Audit lines lost: the writer could not keep up, or their write failed",
+        "trail",
+        "dropped",
+    ),
+    ("audit_failures", "Failed audit file writes (open, write or fsync)", "trail", "failures"),
+    ("audit_syslog_sent", "Audit messages written to the syslog collector", "syslog", "sent"),
+    (
+        "audit_syslog_dropped",
+        "Audit messages for the syslog collector lost: queue full, or still queued at stop",
+        "syslog",
+        "dropped",
+    ),
+    (
+        "audit_syslog_failures",
+        "Failed connections to the syslog collector (refused, TLS failed, broken)",
+        "syslog",
+        "failures",
+    ),
+)
+
+
+def _audit_values(trail: AuditFile | None, syslog: SyslogSink | None) -> list[int]:
+    sinks = {"trail": trail, "syslog": syslog}
+    return [
+        int(getattr(sinks[what], attribute)) if sinks[what] is not None else 0
+        for _, _, what, attribute in AUDIT_COUNTERS
+    ]
 
 
 class _AuditCounters(Collector):
@@ -342,40 +549,17 @@ class _AuditCounters(Collector):
         self.syslog = syslog
 
     def collect(self) -> Iterator[Metric]:
-        dropped = CounterMetricFamily(
-            f"{PREFIX}_audit_dropped",
-            "Audit lines lost: the writer could not keep up, or their write failed",
-            value=self.trail.dropped if self.trail else 0,
-        )
-        failures = CounterMetricFamily(
-            f"{PREFIX}_audit_failures",
-            "Failed audit file writes (open, write or fsync)",
-            value=self.trail.failures if self.trail else 0,
-        )
-        yield dropped
-        yield failures
-        yield CounterMetricFamily(
-            f"{PREFIX}_audit_syslog_sent",
-            "Audit messages written to the syslog collector",
-            value=self.syslog.sent if self.syslog else 0,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_audit_syslog_dropped",
-            "Audit messages for the syslog collector lost: queue full, or still queued at stop",
-            value=self.syslog.dropped if self.syslog else 0,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_audit_syslog_failures",
-            "Failed connections to the syslog collector (refused, TLS failed, broken)",
-            value=self.syslog.failures if self.syslog else 0,
-        )
+        values = _audit_values(self.trail, self.syslog)
+        for (name, doc, _, _), count in zip(AUDIT_COUNTERS, values, strict=True):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=count)
 
 
 class _UpstreamHealth(Collector):
-    """The last health check C-ECHO of each route with `health_check = true`, at scrape time."""
+    """The last health check C-ECHO of each route with `health_check = true`, at scrape time;
+    `results` gives what `route_health` returns."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, results: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.results = results
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -388,10 +572,10 @@ class _UpstreamHealth(Collector):
             "How long the route's last health check took (connect, TLS, associate, C-ECHO)",
             labels=["route"],
         )
-        for name, health in sorted(self.proxy.health.results.items()):
-            if health.ok is None or health.rtt_ms is None:
+        for name, health in sorted(self.results().items()):
+            if health.get("ok") is None or health.get("rtt_ms") is None:
                 continue  # not checked yet
-            up.add_metric([name], 1.0 if health.ok else 0.0)
-            took.add_metric([name], health.rtt_ms / 1000)
+            up.add_metric([name], 1.0 if health["ok"] else 0.0)
+            took.add_metric([name], health["rtt_ms"] / 1000)
         yield up
         yield took

@@ -18,7 +18,7 @@ import os
 import signal
 import socket as stdlib_socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from dicom_tls_proxy.auditfile import AuditFile
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
 from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, load_config
 from dicom_tls_proxy.health import HealthChecks
-from dicom_tls_proxy.metrics import Metrics
+from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
 from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
 from dicom_tls_proxy.relay import relay
 from dicom_tls_proxy.sockio import LeanStream
@@ -127,7 +127,6 @@ class Proxy:
 
     config: Config
     share: int = 1  # workers sharing the limits: each takes max_connections / share
-    active: int = 0
     per_ip: Counter[str] = field(default_factory=Counter)  # pending and relayed, by source
     relayed: int = 0  # associations that ended after relaying; housekeeping watches it
     moved: int = 0  # bytes relayed, both ways
@@ -141,6 +140,19 @@ class Proxy:
         self._connections: trio.Nursery | None = None
         self._all_closed = trio.Event()
         self.health = HealthChecks(self.config)  # run by `_run`; read by /readyz and /metrics
+        self._active = 0
+        self.on_active: Callable[[int], None] | None = None  # told each change of `active`
+
+    @property
+    def active(self) -> int:
+        """Associations being relayed now."""
+        return self._active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self._active = value
+        if self.on_active is not None:
+            self.on_active(value)
 
     @property
     def max_connections(self) -> int:
@@ -209,7 +221,7 @@ class Proxy:
             bound = await bind_listeners(self.gen.config)
         addresses = []
         for li, sl in bound:
-            address = _format_address(sl.socket.getsockname())
+            address = format_address(sl.socket.getsockname())
             addresses.append(address)
             kind = f"tls:{li.tls}" if li.tls else "plaintext"
             event("listening", listener=li.name, address=address, kind=kind)
@@ -284,7 +296,7 @@ class Proxy:
         gen = self.gen  # this connection's config, whatever a reload does meanwhile
         li = gen.config.listener(li.name)
         peer = _peer_of(stream)
-        record = AssociationRecord(listener=li.name, peer=_format_address(peer))
+        record = AssociationRecord(listener=li.name, peer=format_address(peer))
         pending = _Slot(self.pending)
         client: tls.ByteStream = stream
         upstream: tls.ByteStream | None = None
@@ -731,7 +743,7 @@ def _peer_of(stream: LeanStream) -> tuple[str, int]:
         return ("0.0.0.0", 0)
 
 
-def _format_address(addr: tuple[str, int] | tuple[str, int, int, int] | object) -> str:
+def format_address(addr: tuple[str, int] | tuple[str, int, int, int] | object) -> str:
     if isinstance(addr, tuple):
         host, port = str(addr[0]), int(addr[1])
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -755,11 +767,14 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
                 nursery.start_soon(_housekeeping, proxy)
                 if trail is not None:
                     await nursery.start(trail.run)
-                if telemetry is not None:
+                if telemetry is not None and telemetry.folder is None:
                     await nursery.start(telemetry.serve, metrics_sockets)
+                elif telemetry is not None:  # a worker: the supervisor serves the pages
+                    nursery.start_soon(telemetry.publish)
                 addresses = await nursery.start(proxy.serve, bound)
                 if telemetry is not None:
                     telemetry.listening = addresses
+                    telemetry.changed()
                 if audit.worker_index in (None, 0):  # with workers = N, worker 0 checks for all
                     nursery.start_soon(proxy.health.run)
                 event("started", config=str(config.path), listeners=addresses)
@@ -805,16 +820,29 @@ async def _open_sinks(
         syslog.start()
     if config.metrics.bind is None:
         return trail, syslog, None, []
+    if audit.worker_index is not None:  # the supervisor serves; this worker writes its share
+        folder = os.environ.get(MULTIPROC_ENV)
+        metrics = Metrics(proxy, trail, syslog, folder=Path(folder)) if folder else None
+        return trail, syslog, metrics, []
     try:
-        sockets = await open_metrics_listeners(config.metrics.bind)
-    except OSError as exc:
+        sockets = await bind_metrics(config)
+    except StartError:
         if syslog is not None:
             syslog.close()
+        raise
+    return trail, syslog, Metrics(proxy, trail, syslog), sockets
+
+
+async def bind_metrics(config: Config) -> list[trio.SocketListener]:
+    """Bind `[metrics] bind` (StartError if it cannot be)."""
+    assert config.metrics.bind is not None
+    try:
+        return await open_metrics_listeners(config.metrics.bind)
+    except OSError as exc:
         raise StartError(
             f"{config.path}: metrics.bind: cannot listen on {config.metrics.bind}: "
             f"{os_error_text(exc)}"
         ) from None
-    return trail, syslog, Metrics(proxy, trail, syslog), sockets
 
 
 @contextmanager

@@ -7,21 +7,37 @@ as fresh interpreters (`dicom-tls-proxy worker`), never forked from inside `trio
 own session, so a terminal's Ctrl-C reaches the parent only and is forwarded once. A worker that
 dies on its own is started again after a back-off (1 s, 2 s, 4 s ... 60 s); one that keeps dying
 right after it starts makes the parent give up, stop the others and exit non-zero.
+
+With `[metrics]` the parent serves /metrics, /healthz and /readyz for all the workers (see
+`metrics`): they write to a private folder the parent makes and removes, and the parent forgets a
+dead worker's live gauges before it starts the next one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import trio
 
 from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
 from dicom_tls_proxy.config import Config
-from dicom_tls_proxy.server import StartError, bind_listeners, pid_file, sd_notify
+from dicom_tls_proxy.metrics import MULTIPROC_ENV, WorkersMetrics
+from dicom_tls_proxy.server import (
+    StartError,
+    bind_listeners,
+    bind_metrics,
+    format_address,
+    pid_file,
+    sd_notify,
+)
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -56,11 +72,35 @@ async def supervise(config: Config) -> int:
     except StartError as exc:
         event("start-failed", logging.ERROR, msg=str(exc))
         return 1
+    web_sockets: list[trio.SocketListener] = []
+    if config.metrics.bind is not None:
+        try:
+            web_sockets = await bind_metrics(config)
+        except StartError as exc:
+            for _, sl in bound:
+                sl.socket.close()
+            event("start-failed", logging.ERROR, msg=str(exc))
+            return 1
     spec = ",".join(f"{li.name}={sl.socket.fileno()}" for li, sl in bound)
     fds = [sl.socket.fileno() for _, sl in bound]
     workers: list[trio.Process] = []  # the current process of each worker slot
     # Only this process talks to systemd (NotifyAccess=main): workers get no NOTIFY_SOCKET.
-    worker_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    # The metrics folder is ours alone: never one inherited from the environment.
+    worker_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NOTIFY_SOCKET", MULTIPROC_ENV, MULTIPROC_ENV.lower())
+    }
+    web: WorkersMetrics | None = None
+    if web_sockets:
+        folder = Path(tempfile.mkdtemp(prefix="dicom-tls-proxy-metrics-"))  # new, empty, 0700
+        worker_env[MULTIPROC_ENV] = str(folder)
+        web = WorkersMetrics(
+            config,
+            folder,
+            [format_address(sl.socket.getsockname()) for _, sl in bound],
+            lambda: [p.pid if p.returncode is None else None for p in workers],
+        )
     failed = False
     stopping = False
 
@@ -96,6 +136,8 @@ async def supervise(config: Config) -> int:
                     while True:
                         started = trio.current_time()
                         code = await workers[index].wait()
+                        if web is not None:
+                            web.worker_died(workers[index].pid)
                         if stopping:
                             return
                         delay = backoff.died(trio.current_time() - started)
@@ -133,11 +175,16 @@ async def supervise(config: Config) -> int:
                             "worker-restarted", worker=index, code=code, delay=delay, pid=proc.pid
                         )
 
+                if web is not None:
+                    await nursery.start(web.serve, web_sockets)
                 for index in range(config.proxy.workers):
                     workers.append(await spawn(index))
                 for index in range(config.proxy.workers):
                     nursery.start_soon(keep, index)
-                event("workers-started", workers=len(workers), pids=[p.pid for p in workers])
+                facts: dict[str, Any] = {"workers": len(workers), "pids": [p.pid for p in workers]}
+                if web is not None:
+                    facts["metrics_folder"] = str(web.folder)
+                event("workers-started", **facts)
                 sd_notify(
                     "READY=1"
                 )  # the sockets are bound: connections queue until a worker accepts
@@ -145,6 +192,8 @@ async def supervise(config: Config) -> int:
                     name = signal.Signals(signum).name
                     if signum != signal.SIGHUP:
                         stopping = True
+                        if web is not None:
+                            web.stopping = True  # /readyz: 503 while the workers drain
                         sd_notify("STOPPING=1")
                     event("signal", signal=name, msg="forwarded to the workers")
                     for proc in workers:
@@ -168,6 +217,10 @@ async def supervise(config: Config) -> int:
                         proc.kill()
             for _, sl in bound:
                 sl.socket.close()
+            for sl in web_sockets:
+                sl.socket.close()
+            if web is not None:
+                shutil.rmtree(web.folder, ignore_errors=True)
     return 1 if failed else 0
 
 

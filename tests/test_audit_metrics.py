@@ -425,20 +425,20 @@ def test_a_full_disk_does_not_stop_traffic(tmp_path: Path, pki: Path, legacy: Le
     assert proxy.proc.returncode == 0
 
 
-def test_metrics_with_workers_is_refused_clearly(tmp_path: Path, pki: Path) -> None:
+def test_metrics_with_workers_loads(tmp_path: Path, pki: Path) -> None:
+    from dicom_tls_proxy.config import load_config
+
     path = tmp_path / "proxy.toml"
     path.write_text(toml_dumps(config(pki, "127.0.0.1:104", tmp_path, workers=2)))
-    for command in ("check", "run"):
-        result = subprocess.run(
-            [sys.executable, "-m", "dicom_tls_proxy", command, "-c", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-        assert result.returncode == 2, result.stderr
-        assert f"{path}: metrics.bind: metrics with workers > 1 is not supported yet" in (
-            result.stderr
-        )
+    loaded = load_config(path)
+    assert loaded.proxy.workers == 2 and str(loaded.metrics.bind) == "127.0.0.1:0"
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_tls_proxy", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_metrics_port_in_use_is_a_start_error(tmp_path: Path, pki: Path) -> None:

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dicom_tls_proxy import pdu
 from dicom_tls_proxy.supervisor import QUICK_DEATHS, STABLE_AFTER, Backoff
 from tests.support import (
     TIMEOUT,
     ProxyProcess,
+    RawClient,
+    build_rq,
+    certificate_of,
     dcmtk,
     free_port,
     running_proxy,
     toml_dumps,
     wait_until,
 )
+from tests.test_audit_metrics import Samples, ctx, get, metrics_address, scrape, value
+from tests.test_operations import HeldUpstream
 from tests.test_termination import dcmtk_tls, storescp
 
 
@@ -167,4 +177,188 @@ def test_workers_never_outlive_a_killed_supervisor(tmp_path: Path, pki: Path) ->
         proxy.proc.wait(TIMEOUT)
         wait_until(
             lambda: not any(_alive(pid) for pid in pids), what="workers to follow their parent"
+        )
+
+
+def _echoes(pki: Path, port: int, n: int) -> list[int]:
+    """`n` DCMTK echoscu processes at once through the proxy; their exit codes."""
+    clients = [
+        subprocess.Popen(
+            [dcmtk("echoscu"), *dcmtk_tls(pki), "-aec", "CT", "127.0.0.1", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
+    return [c.wait(TIMEOUT) for c in clients]
+
+
+ASSOCIATIONS = "dicom_tls_proxy_associations_total"
+ACTIVE = "dicom_tls_proxy_active_associations"
+
+
+def _total(samples: Samples) -> float:
+    return sum(v for (name, _), v in samples.items() if name == ASSOCIATIONS)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+
+
+@pytest.mark.dcmtk
+def test_two_workers_serve_metrics_summed_over_both(tmp_path: Path, pki: Path) -> None:
+    held = HeldUpstream()
+    try:
+        with storescp(tmp_path, "--fork") as (device, _):
+            port = free_port()
+            cfg = workers_config(pki, device, port)
+            cfg["route"][0].update(health_check=True, health_check_interval=1.0)
+            cfg["route"].append({"called_ae": "HELD", "upstream": held.address})
+            cfg["metrics"] = {"bind": "127.0.0.1:0"}
+            with running_proxy(tmp_path, cfg) as proxy:
+                pids = _started(proxy)
+                folder = Path(proxy.wait_for(event="workers-started")["metrics_folder"])
+                assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+                web = metrics_address(proxy)  # served by the parent
+                assert get(web, "/healthz") == (200, "text/plain; charset=utf-8", b"ok\n")
+
+                def ready() -> dict[str, Any] | None:
+                    status, content_type, body = get(web, "/readyz")
+                    assert content_type == "application/json"
+                    data: dict[str, Any] = json.loads(body)
+                    assert (status == 200) is data["ready"]
+                    return data if data["ready"] else None
+
+                def checked() -> dict[str, Any] | None:
+                    data = ready()
+                    return data if data and data["routes"].get("CT", {}).get("ok") else None
+
+                readyz = wait_until(checked, what="ready, with CT's upstream checked")
+                assert readyz["listeners"] == [f"127.0.0.1:{port}"]
+                assert readyz["config"] == str(proxy.config_path)
+                assert readyz["workers"] == [
+                    {"worker": i, "pid": pid, "ready": True} for i, pid in enumerate(pids)
+                ]
+                assert set(readyz["routes"]) == {"CT"}  # HELD has no health check
+
+                # 40 at once, spread over both workers, counted once each in /metrics.
+                assert _echoes(pki, port, 40) == [0] * 40
+                wait_until(lambda: _total(scrape(web)) == 40, what="40 associations in /metrics")
+                samples = scrape(web)
+                assoc = {"listener": "tls", "route": "CT", "outcome": "completed"}
+                assert value(samples, ASSOCIATIONS, **assoc) == 40
+                assert value(samples, "dicom_tls_proxy_association_duration_seconds_count") == 40
+                assert value(samples, "dicom_tls_proxy_handshake_seconds_count") == 40
+                assert value(samples, "dicom_tls_proxy_bytes_total", direction="up") > 0
+                assert value(samples, ACTIVE) == 0
+                assert value(samples, "dicom_tls_proxy_upstream_up", route="CT") == 1
+                assert value(samples, "dicom_tls_proxy_audit_dropped_total") == 0
+                expiry = "dicom_tls_proxy_certificate_expiry_seconds"
+                for kind, path in (("certificate", pki / "proxy.pem"), ("ca", pki / "ca.pem")):
+                    expected = certificate_of(path).not_valid_after_utc.timestamp() - time.time()
+                    assert abs(value(samples, expiry, tls="in", kind=kind) - expected) < 120
+                # One sample per series: per-worker values were summed, not listed.
+                assert not any("pid" in dict(labels) for _, labels in samples)
+                per_worker = Counter(line["worker"] for line in proxy.find(event="association"))
+                assert set(per_worker) == {0, 1}, per_worker
+
+                # An association held open on worker 0 (worker 1 paused, so 0 accepts it).
+                os.kill(pids[1], signal.SIGSTOP)
+                try:
+                    wait_until(lambda: _state(pids[1]) == "T", what="worker 1 paused")
+                    client = RawClient(("127.0.0.1", port), ctx(pki))
+                    client.send(build_rq("HELD"))
+                    assert client.read_pdu()[0] == pdu.A_ASSOCIATE_AC
+                finally:
+                    os.kill(pids[1], signal.SIGCONT)
+                wait_until(lambda: value(scrape(web), ACTIVE) == 1, what="1 active association")
+                before = scrape(web)
+
+                # Worker 0 is killed: its association goes, its counts stay.
+                os.kill(pids[0], signal.SIGKILL)
+                proxy.wait_for(event="worker-exited", worker=0)
+                assert client.read_eof() == b""
+                client.close()
+
+                def none_active() -> Samples | None:
+                    samples = scrape(web)
+                    return samples if value(samples, ACTIVE) == 0 else None
+
+                after = wait_until(
+                    none_active, what="the dead worker's association to leave the gauge"
+                )
+                counters = [
+                    key
+                    for key in before
+                    if key[0].endswith(("_total", "_count", "_sum", "_bucket"))
+                ]
+                assert counters and all(after.get(k, 0.0) >= before[k] for k in counters)
+                assert _total(after) == 40
+
+                # The other worker serves while the parent restarts the dead one.
+                assert _echoes(pki, port, 5) == [0] * 5
+                restarted = proxy.wait_for(event="worker-restarted", worker=0)
+
+                def ready_again() -> dict[str, Any] | None:
+                    data = ready()
+                    return data if data and data["workers"][0]["pid"] != pids[0] else None
+
+                readyz = wait_until(ready_again, what="ready again with the new worker 0")
+                assert [w["pid"] for w in readyz["workers"]] == [restarted["pid"], pids[1]]
+                assert _echoes(pki, port, 10) == [0] * 10
+                wait_until(lambda: _total(scrape(web)) == 55, what="55 associations in /metrics")
+                samples = scrape(web)
+                assert value(samples, ASSOCIATIONS, **assoc) == 55
+                assert value(samples, ACTIVE) == 0
+                assert all(samples.get(k, 0.0) >= after[k] for k in counters)
+                assert get(web, "/healthz")[0] == 200
+
+                proxy.proc.send_signal(signal.SIGTERM)
+                assert proxy.proc.wait(TIMEOUT) == 0
+            assert not folder.exists()  # the parent removed its private folder
+    finally:
+        held.release.set()
+        held.close()
+
+
+def test_worker_metrics_follow_a_reload(tmp_path: Path, pki: Path) -> None:
+    """Certificate times come from the workers' generation in force, not the parent's start."""
+    import datetime
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from dicom_tls_proxy import pki as factory
+
+    key, cert = tmp_path / "served.key", tmp_path / "served.pem"
+    shutil.copy(pki / "proxy.key", key)
+    key.chmod(0o600)
+    shutil.copy(pki / "proxy.pem", cert)
+    cfg = workers_config(pki, "127.0.0.1:9", free_port())
+    cfg["tls"]["in"].update(certificate=cert, private_key=key)
+    cfg["metrics"] = {"bind": "127.0.0.1:0"}
+    expiry = "dicom_tls_proxy_certificate_expiry_seconds"
+    with running_proxy(tmp_path, cfg) as proxy:
+        _started(proxy)
+        web = metrics_address(proxy)
+        first = wait_until(
+            lambda: value(scrape(web), expiry, tls="in", kind="certificate"), what="expiry"
+        )
+        assert first > 300 * 86400  # the development PKI's leaf
+        ca: Any = (
+            load_pem_private_key((pki / "ca.key").read_bytes(), None),
+            certificate_of(pki / "ca.pem"),
+        )
+        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=10)
+        new_key, new_cert = factory.make_leaf(*ca, "proxy", ips=["127.0.0.1"], not_after=soon)
+        factory.write_pem_key(tmp_path / "new.key", new_key)
+        factory.write_pem_cert(tmp_path / "new.pem", new_cert)
+        os.replace(tmp_path / "new.key", key)
+        os.replace(tmp_path / "new.pem", cert)
+        proxy.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(proxy.find(event="reloaded")) == 2, what="both workers reloaded")
+        wait_until(
+            lambda: (
+                abs(value(scrape(web), expiry, tls="in", kind="certificate") - 10 * 86400) < 120
+            ),
+            what="the reloaded certificate's expiry in /metrics",
         )
