@@ -6,7 +6,8 @@ them through SO_REUSEPORT, and every worker accepts from the same kernel queue. 
 as fresh interpreters (`dicom-tls-proxy worker`), never forked from inside `trio.run`, and in their
 own session, so a terminal's Ctrl-C reaches the parent only and is forwarded once. A worker that
 dies on its own is started again after a back-off (1 s, 2 s, 4 s ... 60 s); one that keeps dying
-right after it starts makes the parent give up, stop the others and exit non-zero.
+right after it starts makes the parent give up, stop the others and exit non-zero. With
+`watch = true` the parent watches the folders once and reloads the workers as SIGHUP does.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import trio
 
 from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
-from dicom_tls_proxy.config import Config
+from dicom_tls_proxy.config import Config, ConfigError, load_config
 from dicom_tls_proxy.server import StartError, bind_listeners, pid_file, sd_notify
+from dicom_tls_proxy.watch import watch_folders
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -137,21 +139,41 @@ async def supervise(config: Config) -> int:
                     workers.append(await spawn(index))
                 for index in range(config.proxy.workers):
                     nursery.start_soon(keep, index)
+                watched = config  # the last config that loaded here: what `watch` looks at
+
+                def forward(signum: int) -> None:
+                    event(
+                        "signal", signal=signal.Signals(signum).name, msg="forwarded to the workers"
+                    )
+                    for proc in workers:
+                        if proc.returncode is None:
+                            proc.send_signal(signum)
+
+                def reload() -> None:
+                    """SIGHUP and `watch = true` alike: the workers reload (and log the outcome);
+                    the parent loads the config too, only to follow what `watch` looks at."""
+                    nonlocal watched
+                    if stopping:
+                        return
+                    forward(signal.SIGHUP)
+                    try:
+                        watched = load_config(config.path)
+                    except ConfigError:
+                        pass  # the workers log why; keep watching what was watched
+
+                nursery.start_soon(watch_folders, lambda: watched, reload)
                 event("workers-started", workers=len(workers), pids=[p.pid for p in workers])
                 sd_notify(
                     "READY=1"
                 )  # the sockets are bound: connections queue until a worker accepts
                 async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if signum != signal.SIGHUP:
-                        stopping = True
-                        sd_notify("STOPPING=1")
-                    event("signal", signal=name, msg="forwarded to the workers")
-                    for proc in workers:
-                        if proc.returncode is None:
-                            proc.send_signal(signum)
-                    if stopping:
-                        break
+                    if signum == signal.SIGHUP:
+                        reload()
+                        continue
+                    stopping = True
+                    sd_notify("STOPPING=1")
+                    forward(signum)
+                    break
                 with trio.move_on_after(60):
                     for index in range(len(workers)):
                         await workers[index].wait()
