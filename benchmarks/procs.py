@@ -250,7 +250,17 @@ def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
     log = output.with_suffix(".log")
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--native", "--format", fmt, "--output", str(output)],
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--native",
+                "--format",
+                fmt,
+                "--output",
+                str(output),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -89,6 +89,8 @@ class ProxySettings:
     max_connections_per_ip: int = 0  # 0 = off
     drain_timeout: float = 30.0
     pid_file: Path | None = None
+    watch: bool = False  # reload when a file in a folder the config names changes (watch.py)
+    watch_interval: float = 1.0  # seconds between two looks at those folders
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,13 @@ class Config:
     warnings: tuple[str, ...] = ()
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
+    files: tuple[Path, ...] = ()  # every file or folder the config names and loading read
+
+    def referenced_paths(self) -> tuple[Path, ...]:
+        """The config file and every certificate, key, password file, CA (file or folder) and CRL
+        it names: what a reload reads again, and what `watch = true` watches the folders of.
+        Recorded by `_Reader.path_value`, so a key added later is covered without a list here."""
+        return (self.path, *dict.fromkeys(self.files))
 
     def listener(self, name: str) -> Listener:
         return next(li for li in self.listeners if li.name == name)
@@ -203,6 +212,7 @@ class _Reader:
         self.base = path.parent
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self.files: list[Path] = []  # every file or folder read through path_value
 
     def error(self, key: str, message: str) -> None:
         self.problems.append(f"{self.path}: {key}: {message}")
@@ -270,6 +280,7 @@ class _Reader:
             insecure = certload.insecure_file_reason(p)
             if insecure:
                 raise ValueError(f"refused: {insecure}")
+            self.files.append(p)
             return p
 
         found: Path | None = self.value(data, key, name, str, None, resolve)
@@ -332,6 +343,15 @@ def _positive(value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"must be a positive number of seconds, got {value}")
     return value
+
+
+def _seconds_between(low: float, high: float) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"must be between {low:g} and {high:g} seconds, got {value}")
+        return value
+
+    return check
 
 
 def _at_least(minimum: int) -> Callable[[int], int]:
@@ -484,6 +504,7 @@ def _build(r: _Reader, data: dict[str, Any], now: datetime) -> Config:
         warnings=tuple(r.warnings),
         audit=audit,
         metrics=metrics,
+        files=tuple(r.files),
     )
 
 
@@ -542,6 +563,10 @@ def _proxy(r: _Reader, d: dict[str, Any]) -> ProxySettings:
         ),
         drain_timeout=r.value(d, k, "drain_timeout", float, base.drain_timeout, _positive),
         pid_file=r.value(d, k, "pid_file", str, None, r.new_file),
+        watch=r.value(d, k, "watch", bool, base.watch),
+        watch_interval=r.value(
+            d, k, "watch_interval", float, base.watch_interval, _seconds_between(0.1, 3600.0)
+        ),
     )
     return settings
 

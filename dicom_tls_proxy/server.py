@@ -48,6 +48,7 @@ from dicom_tls_proxy.streams import (
 from dicom_tls_proxy.syslogsink import SyslogSink
 from dicom_tls_proxy.uids import uid_name
 from dicom_tls_proxy.vocabulary import REFUSALS, Abort, Close, Outcome, Reason, Reject
+from dicom_tls_proxy.watch import watch_folders
 
 ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -159,8 +160,9 @@ class Proxy:
         return max(1, self.gen.config.proxy.max_connections // self.share)
 
     def reload(self, path: str | os.PathLike[str]) -> bool:
-        """SIGHUP: re-read the config and every file it names; new associations use it, those
-        in flight keep theirs. A config that fails to load changes nothing."""
+        """SIGHUP, and `watch = true` on a change: re-read the config and every file it names;
+        new associations use it, those in flight keep theirs. A config that fails to load
+        changes nothing."""
         try:
             config = load_config(path)
         except ConfigError as exc:
@@ -777,6 +779,12 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
                     telemetry.changed()
                 if audit.worker_index in (None, 0):  # with workers = N, worker 0 checks for all
                     nursery.start_soon(proxy.health.run)
+
+                def reload() -> None:  # SIGHUP and `watch = true` alike
+                    proxy.reload(config.path)
+
+                if audit.worker_index is None:  # with workers = N, the parent watches for all
+                    nursery.start_soon(watch_folders, lambda: proxy.gen.config, reload)
                 event("started", config=str(config.path), listeners=addresses)
                 sd_notify("READY=1")
                 async for signum in signals:
@@ -784,7 +792,7 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
                     if signum == signal.SIGUSR1:
                         event("stats", **proxy.stats())
                     elif signum == signal.SIGHUP:
-                        proxy.reload(config.path)
+                        reload()
                     elif not proxy.stopping:
                         event(
                             "stopping", signal=name, msg="draining; a second signal stops at once"

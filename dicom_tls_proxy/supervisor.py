@@ -10,7 +10,8 @@ right after it starts makes the parent give up, stop the others and exit non-zer
 
 With `[metrics]` the parent serves /metrics, /healthz and /readyz for all the workers (see
 `metrics`): they write to a private folder the parent makes and removes, and the parent forgets a
-dead worker's live gauges before it starts the next one.
+dead worker's live gauges before it starts the next one. With
+`watch = true` the parent watches the folders once and reloads the workers as SIGHUP does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import trio
 
 from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
-from dicom_tls_proxy.config import Config
+from dicom_tls_proxy.config import Config, ConfigError, load_config
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, WorkersMetrics
 from dicom_tls_proxy.server import (
     StartError,
@@ -38,6 +39,7 @@ from dicom_tls_proxy.server import (
     pid_file,
     sd_notify,
 )
+from dicom_tls_proxy.watch import watch_folders
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -181,6 +183,29 @@ async def supervise(config: Config) -> int:
                     workers.append(await spawn(index))
                 for index in range(config.proxy.workers):
                     nursery.start_soon(keep, index)
+                watched = config  # the last config that loaded here: what `watch` looks at
+
+                def forward(signum: int) -> None:
+                    event(
+                        "signal", signal=signal.Signals(signum).name, msg="forwarded to the workers"
+                    )
+                    for proc in workers:
+                        if proc.returncode is None:
+                            proc.send_signal(signum)
+
+                def reload() -> None:
+                    """SIGHUP and `watch = true` alike: the workers reload (and log the outcome);
+                    the parent loads the config too, only to follow what `watch` looks at."""
+                    nonlocal watched
+                    if stopping:
+                        return
+                    forward(signal.SIGHUP)
+                    try:
+                        watched = load_config(config.path)
+                    except ConfigError:
+                        pass  # the workers log why; keep watching what was watched
+
+                nursery.start_soon(watch_folders, lambda: watched, reload)
                 facts: dict[str, Any] = {"workers": len(workers), "pids": [p.pid for p in workers]}
                 if web is not None:
                     facts["metrics_folder"] = str(web.folder)
@@ -189,18 +214,15 @@ async def supervise(config: Config) -> int:
                     "READY=1"
                 )  # the sockets are bound: connections queue until a worker accepts
                 async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if signum != signal.SIGHUP:
-                        stopping = True
-                        if web is not None:
-                            web.stopping = True  # /readyz: 503 while the workers drain
-                        sd_notify("STOPPING=1")
-                    event("signal", signal=name, msg="forwarded to the workers")
-                    for proc in workers:
-                        if proc.returncode is None:
-                            proc.send_signal(signum)
-                    if stopping:
-                        break
+                    if signum == signal.SIGHUP:
+                        reload()
+                        continue
+                    stopping = True
+                    if web is not None:
+                        web.stopping = True  # /readyz: 503 while the workers drain
+                    sd_notify("STOPPING=1")
+                    forward(signum)
+                    break
                 with trio.move_on_after(60):
                     for index in range(len(workers)):
                         await workers[index].wait()

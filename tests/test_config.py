@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from dicom_tls_proxy.cli import main
 from dicom_tls_proxy.config import load_config, parse_endpoint
-from tests.support import toml_dumps
+from tests.support import certificate_of, toml_dumps
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -217,6 +219,23 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "route[2].health_check: the fallback route has no Called AE to probe",
     ),
     ("zero workers", _set("proxy.workers", 0), "proxy.workers: must be between 1 and 64, got 0"),
+    ("watch a string", _set("proxy.watch", "yes"), "proxy.watch: expected a boolean, got a string"),
+    ("watch a number", _set("proxy.watch", 1), "proxy.watch: expected a boolean, got an integer"),
+    (
+        "watch_interval too short",
+        _set("proxy.watch_interval", 0.01),
+        "proxy.watch_interval: must be between 0.1 and 3600 seconds, got 0.01",
+    ),
+    (
+        "watch_interval not a number",
+        _set("proxy.watch_interval", "1s"),
+        "proxy.watch_interval: expected a number, got a string",
+    ),
+    (
+        "watch_interval infinite",
+        _set("proxy.watch_interval", math.inf),
+        "proxy.watch_interval: must be between 0.1 and 3600 seconds, got inf",
+    ),
     (
         "plaintext exception on a plaintext listener",
         _set("listener.1.allow_plaintext_from", [{"calling_ae": "US", "source": "10.0.0.1/32"}]),
@@ -250,6 +269,38 @@ def test_health_check_keys_load(tmp_path: Path, pki: Path) -> None:
     assert (pacs.health_check, pacs.health_check_interval) == (True, 0.5)
     assert pacs.health_check_calling_ae == "PROBE"
     assert last.health_check and last.called_ae == "*"
+
+
+def test_watch_keys_load_and_every_file_read_is_listed(tmp_path: Path, pki: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml_dumps(base_config(pki)))
+    config = load_config(path)
+    assert (config.proxy.watch, config.proxy.watch_interval) == (False, 1.0)
+    from dicom_tls_proxy import pki as factory
+
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    next_update = datetime.now(UTC) + timedelta(days=30)
+    crl = factory.make_crl(ca_key, certificate_of(pki / "ca.pem"), [], next_update=next_update)  # type: ignore[arg-type]
+    (tmp_path / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    password = b"correct horse battery staple"
+    key = _encrypted_key(pki, tmp_path / "enc.key", password)
+    (tmp_path / "key.pass").write_bytes(password)
+    (tmp_path / "key.pass").chmod(0o600)
+    cfg = base_config(pki)
+    cfg["proxy"].update(watch=True, watch_interval=5)
+    cfg["tls"]["inbound"].update(private_key="enc.key", password_file="key.pass")
+    cfg["tls"]["out"]["crl"] = ["ca.crl"]
+    path.write_text(toml_dumps(cfg))
+    config = load_config(path)
+    assert (config.proxy.watch, config.proxy.watch_interval) == (True, 5.0)
+    assert config.referenced_paths() == (  # the config, then each file in the order it was read
+        path,
+        pki / "proxy.pem",
+        key,
+        tmp_path / "key.pass",
+        pki / "ca.pem",
+        tmp_path / "ca.crl",
+    )
 
 
 @pytest.mark.parametrize(("name", "mutate", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
