@@ -49,8 +49,18 @@ class Target:
         return proxy_stats(self.proxy)
 
     def assert_nothing_leaked(self) -> None:
-        now = self.stats()
-        assert now == self.baseline, f"stats {now} != baseline {self.baseline}"
+        """Back to the baseline: waits for it, since a connection is closed (and its task ends)
+        just after its association line is logged."""
+        seen: list[dict[str, int]] = []
+
+        def settled() -> bool:
+            seen.append(self.stats())
+            return seen[-1] == self.baseline
+
+        try:
+            wait_until(settled, what="the proxy's stats back to the baseline")
+        except AssertionError:
+            raise AssertionError(f"stats {seen[-1]} != baseline {self.baseline}") from None
 
 
 @contextmanager
