@@ -371,6 +371,7 @@ class WorkersMetrics(_Pages):
         self.listeners = listeners  # the sockets the supervisor bound
         self.pids = pids  # each worker slot's running process, None while it is restarted
         self.stopping = False
+        self.all_served = False  # every worker was ready once: from then on, one is enough
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=str(folder))  # type: ignore[no-untyped-call]
         self.registry.register(_CertificateTimes(lambda: self.status(0).get("tls", {})))
@@ -401,8 +402,14 @@ class WorkersMetrics(_Pages):
         return _pages(path, self.registry, self._readyz)
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
+        """Ready once every worker served; then while one does. The listening sockets belong to
+        the parent, so connections queue for the others while a dead worker is restarted: a load
+        balancer should not drop the whole gateway for that second."""
         workers = self.workers()
-        return not self.stopping and all(w["ready"] for w in workers), {
+        if not self.all_served:
+            self.all_served = all(w["ready"] for w in workers)
+        serving = self.all_served and any(w["ready"] for w in workers)
+        return not self.stopping and serving, {
             "listeners": self.listeners,
             "config": str(self.config.path),
             "routes": self.status(0).get("routes", {}),  # worker 0 runs the checks
