@@ -265,6 +265,9 @@ def client_context(table: TlsTable) -> SSL.Context:
     """The context the proxy connects upstream with; the peer (a server) is judged by `table`."""
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     _apply_profile(ctx, table)
+    # Every upstream connection is a fresh handshake: no session to resume, no tickets to keep.
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     _use_identity(ctx, table)
     _load_trust(ctx, table)
     ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
@@ -442,6 +445,9 @@ class TlsStream:
         if v.failure is None and v.chain_failure is not None:  # fail closed, never reached so far
             v.failure = v.chain_failure
             raise self._failure(None)
+        # Only failures need the parsed leaf (to name it); `info()` reads the certificate afresh.
+        # Hundreds of associations may sit idle for hours: each kept ~4 KiB alive with it.
+        v.leaf = None
         await self._flush()  # the last flight, and TLS 1.3 session tickets
 
     def _failure(self, exc: SSL.Error | None) -> TlsFailure:
