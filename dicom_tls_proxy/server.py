@@ -35,7 +35,7 @@ from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
 from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
 from dicom_tls_proxy.relay import relay
-from dicom_tls_proxy.sockio import LeanStream
+from dicom_tls_proxy.sockio import LeanStream, connect
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
     abort_quietly,
@@ -496,9 +496,7 @@ class Proxy:
         timeout = gen.config.proxy.connect_timeout
         with trio.move_on_after(timeout) as scope:
             try:
-                sock = LeanStream(
-                    await trio.open_tcp_stream(route.upstream.host, route.upstream.port)
-                )
+                sock = await connect(route.upstream.host, route.upstream.port)
             except OSError as exc:
                 raise Refused(
                     Reason.UPSTREAM_UNREACHABLE, f"{route.upstream}: {os_error_text(exc)}"

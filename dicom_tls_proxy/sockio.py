@@ -17,6 +17,7 @@ Errors are trio's: a closed socket is `ClosedResourceError`, a reset or broken p
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 
 import trio
@@ -81,3 +82,21 @@ class LeanStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def connect(host: str, port: int) -> LeanStream:
+    """A TCP connection to `host`. An IP address (what most DICOM routes name) is connected to
+    directly: `trio.open_tcp_stream` would also resolve it and run its happy-eyeballs nursery,
+    measured at 8% of the proxy's CPU for a C-ECHO association. Names take trio's way."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return LeanStream(await trio.open_tcp_stream(host, port))
+    family = trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return LeanStream(trio.SocketStream(sock))

@@ -129,7 +129,9 @@ def _decide(state: _Verification, cert: crypto.X509, errnum: int, depth: int, ok
     if state.failure is not None:
         return False
     if depth == 0 and state.leaf is None:
-        state.leaf = cert.to_cryptography()
+        state.leaf = policy.certificate_from_der(
+            crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        )
     if table.verify == "none":
         return True
     if depth == 0 and state.chain_failure is not None:
@@ -468,7 +470,12 @@ class TlsStream:
         conn = self._conn
         cipher = conn.get_cipher_name() or ""
         encryption, mac = split_cipher(cipher)
-        cert = conn.get_peer_certificate(as_cryptography=True)
+        peer = conn.get_peer_certificate()
+        cert = (
+            policy.certificate_from_der(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+            if peer is not None
+            else None
+        )
         v = self._verification
         identity = (
             policy.peer_identity(cert, chain_verified=v.table.verifies_chain)
