@@ -296,11 +296,12 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 
 @contextmanager
-def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
+def py_spy(pid: int | None, output: Path | None, subprocesses: bool = False) -> Iterator[None]:
     """A py-spy profile (Python and native frames) of `pid` while the block runs: a flame graph
     for `.svg`, collapsed stacks (what speedscope and flamegraph.pl read) otherwise; nothing
     when `output` is None. Sampling stops the process 100 times a second: a profiled run's
-    numbers are not comparable with an unprofiled one's."""
+    numbers are not comparable with an unprofiled one's. With `subprocesses`, its children too
+    (the proxy's workers)."""
     if pid is None or output is None:
         yield
         return
@@ -317,6 +318,7 @@ def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
                 "--pid",
                 str(pid),
                 "--native",
+                *(["--subprocesses"] if subprocesses else []),
                 "--format",
                 fmt,
                 "--output",

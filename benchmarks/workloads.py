@@ -180,7 +180,7 @@ def measure(
     logged = _warm_up(endpoint, tools)
     _check_audit(endpoint, logged)  # its batch written now, not during the workload
     cpu_before = procs.wait_cpu_quiet(pid) if pid else None
-    with procs.py_spy(pid, profile):
+    with procs.py_spy(pid, profile, subprocesses=endpoint.setup.workers > 1):
         _run_clients(workload, endpoint, tools, data, sizes, run)
     if pid is not None:
         logged = _wait_logged(endpoint, logged + run.associations)
