@@ -4,7 +4,9 @@ reading what the kernel says they cost (/proc/PID/stat and /proc/PID/status).
 CPU is utime + stime of the whole process (every thread, live or exited) plus its waited-for
 children, in clock ticks (10 ms). Memory is VmRSS (now) and VmHWM (the peak since the process
 started): every measured process is started fresh for one (workload, run), so its VmHWM is that
-workload's peak.
+workload's peak. A measured process with live children (the proxy's `workers = N` parent) is
+measured as its tree: `tree_cpu_seconds` and `tree_peak_kib` add up the parent and every live
+descendant (found through the ppid field of /proc/*/stat).
 """
 
 from __future__ import annotations
@@ -125,10 +127,59 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime + cutime + cstime of the process, all threads included."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    fields = _stat_fields(pid)
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return (utime + stime + cutime + cstime) / CLOCK_TICKS
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after "pid (comm) " (comm may hold spaces): field 3 (state) is index 0."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """Every live descendant of `pid` as (pid, start time in ticks), children before
+    grandchildren: a scan of /proc/*/stat for their parent pid."""
+    parents: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat_fields(int(entry.name))
+        except (OSError, ValueError):
+            continue  # it exited meanwhile
+        parents.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+    found: list[tuple[int, int]] = []
+    queue = [pid]
+    while queue:
+        children = parents.get(queue.pop(0), [])
+        found += children
+        queue += [child for child, _ in children]
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` of the process plus that of each live descendant (a descendant that exits
+    and is waited for moves into its parent's cutime + cstime, so it is still counted once)."""
+    total = cpu_seconds(pid)
+    for child, _ in descendants(pid):
+        try:
+            total += cpu_seconds(child)
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def tree_peak_kib(pid: int) -> list[int]:
+    """VmHWM of the process and of each live descendant, in KiB (the process's own first)."""
+    peaks = [memory_kib(pid)["VmHWM"]]
+    for child, _ in descendants(pid):
+        try:
+            peaks.append(memory_kib(child)["VmHWM"])
+        except (OSError, KeyError, ValueError):
+            continue
+    return peaks
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -172,13 +223,14 @@ def foreign_load(into: dict[str, float]) -> Iterator[None]:
 
 
 def wait_cpu_quiet(pid: int, quiet: float = 0.15, timeout: float = 30.0) -> float:
-    """Wait until the process used no CPU for `quiet` seconds (it finished its last work: closing
-    connections, writing log lines); returns its CPU seconds then."""
+    """Wait until the process and its live descendants used no CPU for `quiet` seconds (it
+    finished its last work: closing connections, writing log lines); returns their CPU seconds
+    then (`tree_cpu_seconds`: the process alone when it has no children)."""
     deadline = time.monotonic() + timeout
-    last = cpu_seconds(pid)
+    last = tree_cpu_seconds(pid)
     while True:
         time.sleep(quiet)
-        now = cpu_seconds(pid)
+        now = tree_cpu_seconds(pid)
         if now == last or time.monotonic() > deadline:
             return now
         last = now
@@ -217,6 +269,9 @@ def started(
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    # The proxy's workers run in sessions of their own (the parent forwards SIGTERM to them):
+    # any still there once the parent is gone are killed by pid, if still the same process.
+    children = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         _signal_group(proc, signal.SIGTERM)
         try:
@@ -225,6 +280,12 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
     _signal_group(proc, signal.SIGKILL)  # forked children left behind by the leader, if any
+    for child, start in children:
+        try:
+            if int(_stat_fields(child)[19]) == start:
+                os.kill(child, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -235,11 +296,12 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 
 @contextmanager
-def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
+def py_spy(pid: int | None, output: Path | None, subprocesses: bool = False) -> Iterator[None]:
     """A py-spy profile (Python and native frames) of `pid` while the block runs: a flame graph
     for `.svg`, collapsed stacks (what speedscope and flamegraph.pl read) otherwise; nothing
     when `output` is None. Sampling stops the process 100 times a second: a profiled run's
-    numbers are not comparable with an unprofiled one's."""
+    numbers are not comparable with an unprofiled one's. With `subprocesses`, its children too
+    (the proxy's workers)."""
     if pid is None or output is None:
         yield
         return
@@ -256,6 +318,7 @@ def py_spy(pid: int | None, output: Path | None) -> Iterator[None]:
                 "--pid",
                 str(pid),
                 "--native",
+                *(["--subprocesses"] if subprocesses else []),
                 "--format",
                 fmt,
                 "--output",

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from setups import PAIRS
+from setups import OPERATIONS_WORKLOADS, PAIRS, comparisons
 from workloads import Run
 
 Metric = Literal[
@@ -39,7 +39,10 @@ COLUMNS: dict[str, list[Metric]] = {  # what each workload is for
 }
 
 Medians = dict[str, dict[str, dict[str, float]]]  # workload -> setup -> metric -> median
-Ratios = dict[str, dict[str, dict[str, float]]]  # workload -> direction -> metric -> proxy/stunnel
+# workload -> key -> metric -> ratio; key "termination": proxy-term / stunnel-term, and with the
+# optional setups "termination-w2": proxy-term-w2 / stunnel-term, "termination-ops":
+# proxy-term-ops / proxy-term (see setups.comparisons)
+Ratios = dict[str, dict[str, dict[str, float]]]
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -81,18 +84,17 @@ def medians(runs: Iterable[Run]) -> Medians:
 
 
 def ratios(med: Medians) -> Ratios:
-    """proxy / stunnel, per direction, from the medians of the same benchmark run."""
+    """proxy / stunnel, per direction, from the medians of the same benchmark run; with the
+    optional setups also proxy-X-wN / stunnel and proxy-X-ops / proxy-X."""
     out: Ratios = {}
     for workload, per_setup in med.items():
-        for direction, (proxy, stunnel) in PAIRS.items():
-            if proxy not in per_setup or stunnel not in per_setup:
-                continue
+        for key, numerator, denominator in comparisons(per_setup):
             row = {
-                m: per_setup[proxy][m] / per_setup[stunnel][m]
-                for m in per_setup[proxy]
-                if m in per_setup[stunnel] and per_setup[stunnel][m] > 0
+                m: per_setup[numerator][m] / per_setup[denominator][m]
+                for m in per_setup[numerator]
+                if m in per_setup[denominator] and per_setup[denominator][m] > 0
             }
-            out.setdefault(workload, {})[direction] = row
+            out.setdefault(workload, {})[key] = row
     return out
 
 
@@ -149,6 +151,35 @@ def judge(med: Medians, rat: Ratios) -> list[Verdict]:
             if value is not None:
                 met = value >= t.limit if t.op == ">=" else value <= t.limit
             verdicts.append(Verdict(t.describe(), direction, value, met))
+    if any(f"{d}-ops" in rat.get(w, {}) for w in OPERATIONS_WORKLOADS for d in PAIRS):
+        verdicts += judge_operations(rat)
+    return verdicts
+
+
+OPERATIONS_TARGET = (
+    "operations on: W1/W3 throughput and CPU s/GB within 10% of the proxy without them"
+)
+OPERATIONS_TOLERANCE = 0.10
+
+
+def judge_operations(rat: Ratios) -> list[Verdict]:
+    """The issue's acceptance for the audit file and metrics: per direction, proxy-X-ops against
+    proxy-X in W1 and W3, throughput no more than 10% lower and CPU s/GB no more than 10% higher.
+    The value is the worst shortfall (0.04: 4% worse; negative: better everywhere); not measured
+    when a workload or metric is missing (W1 or W3 left out, a run failed)."""
+    verdicts = []
+    for direction in PAIRS:
+        shortfalls: list[float] = []
+        complete = True
+        for workload in OPERATIONS_WORKLOADS:
+            row = rat.get(workload, {}).get(f"{direction}-ops", {})
+            if "throughput_mb_s" in row and "cpu_s_per_gb" in row:
+                shortfalls += [1 - row["throughput_mb_s"], row["cpu_s_per_gb"] - 1]
+            else:
+                complete = False
+        value = max(shortfalls) if shortfalls and complete else None
+        met = None if value is None else value <= OPERATIONS_TOLERANCE
+        verdicts.append(Verdict(OPERATIONS_TARGET + " (worst shortfall)", direction, value, met))
     return verdicts
 
 
@@ -171,6 +202,11 @@ def table(
     runs: int,
 ) -> str:
     lines: list[str] = [f"medians of {runs} run(s); ratios = proxy / stunnel, same run"]
+    keys = {k for per_key in rat.values() for k in per_key}
+    if any(k.endswith("-ops") for k in keys):
+        lines.append("  ratio DIRECTION-ops = proxy with audit file and metrics / proxy without")
+    if any(k.rpartition("-")[2].startswith("w") for k in keys):
+        lines.append("  ratio DIRECTION-wN = proxy with workers = N / stunnel")
     for workload, columns in COLUMNS.items():
         if workload not in med:
             continue

@@ -1,10 +1,13 @@
 """Benchmark dicom-tls-proxy against plaintext and stunnel, side by side, in one run.
 
     python benchmarks/run.py [--quick] [--runs N] [--workloads W1,W2,W3,W4] [--out DIR]
+                             [--operations] [--workers 1,2]
 
 For each workload, each round measures every setup in turn (direct, proxy-term, stunnel-term,
 proxy-orig, stunnel-orig, then again), each with fresh processes; it prints medians and
 proxy/stunnel ratios, judges the targets, and writes DIR/run-TIMESTAMP.{json,png,txt}.
+--operations adds proxy-term-ops and proxy-orig-ops (audit file and metrics on) to W1 and W3;
+--workers 1,2 adds proxy-term-w2 and proxy-orig-w2 (`workers = 2`) to W3.
 Exit status: 0 when every measurement was taken (targets met or not), 1 when one failed, 2 on a
 usage error or missing DCMTK. See benchmarks/README.md.
 """
@@ -27,7 +30,7 @@ import procs
 import report
 import setups
 import workloads
-from setups import SETUPS, Pki, Setup, Tools
+from setups import Pki, Setup, Tools
 from workloads import FULL, PDU_SIZE, QUICK, WORKLOADS, Data, Run, Sizes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -52,7 +55,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (configs, PKI, every log)"
     )
+    parser.add_argument(
+        "--operations",
+        action="store_true",
+        help="also the proxy with its audit file and metrics server on (W1 and W3)",
+    )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="comma-separated `workers = N` values for W3 (default 1; 1,2 adds proxy-*-w2)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.workers = sorted({int(n) for n in args.workers.split(",") if n.strip()})
+    except ValueError:
+        parser.error(f"--workers: not a list of numbers: {args.workers!r}")
+    if not args.workers or not all(1 <= n <= 64 for n in args.workers):
+        parser.error("--workers: numbers from 1 to 64")
     args.workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown or not args.workloads:
@@ -62,11 +81,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     return args
-
-
-def applies(workload: str, setup: Setup) -> bool:
-    """W4 measures what a middlebox keeps per association; direct has no middlebox."""
-    return not (workload == "W4" and setup.middlebox is None)
 
 
 def upstream_for(workload: str) -> setups.Upstream:
@@ -183,7 +197,7 @@ def measure_all(
             print(f"{workload}: {sizes.describe(workload)}", file=sys.stderr, flush=True)
             for round_ in range(args.runs):
                 for setup in chosen:
-                    if applies(workload, setup):
+                    if setups.applies(workload, setup):
                         runs.append(
                             measure_one(
                                 workload, setup, round_, tools, pki, data, sizes, work, profiles
@@ -254,6 +268,8 @@ def write_results(
         "sizes": vars(sizes),
         "workloads": {w: sizes.describe(w) for w in args.workloads},
         "setups": names,
+        "operations": args.operations,
+        "workers": args.workers,
         "pdu_bytes": PDU_SIZE,
         "machine": machine_info(tools, digest),
     }
@@ -268,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     fd_limit = procs.raise_fd_limit()
     tools = setups.find_tools(with_stunnel=not args.without_stunnel)
     sizes = QUICK if args.quick else FULL
-    chosen = [s for s in SETUPS if s.middlebox != "stunnel" or tools.stunnel]
+    chosen = setups.chosen_setups(
+        stunnel=bool(tools.stunnel), operations=args.operations, workers=args.workers
+    )
     names = [s.name for s in chosen]
     if not tools.stunnel:
         print("without stunnel (apt-get install -y stunnel4 to compare)", file=sys.stderr)
@@ -277,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         f"(storescp's default -pdu); fd limit {fd_limit}",
         file=sys.stderr,
     )
+    for extra, where in [
+        ([s for s in chosen if s.operations], setups.OPERATIONS_WORKLOADS),
+        ([s for s in chosen if s.workers != 1], setups.WORKERS_WORKLOADS),
+    ]:
+        if extra and not set(where) & set(args.workloads):
+            print(
+                f"{', '.join(s.name for s in extra)} run only in {'/'.join(where)}: not chosen",
+                file=sys.stderr,
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     runs, digest = measure_all(args, tools, sizes, chosen, base)

@@ -9,6 +9,11 @@ is that workload's peak, and no run inherits another's warm caches or fragmented
     stunnel-term  storescu +tls --> stunnel [termination] -----> storescp
     proxy-orig    storescu -------> proxy (plaintext listener) -> storescp +tls    (origination)
     stunnel-orig  storescu -------> stunnel [origination] -----> storescp +tls
+
+On request (`run.py --operations`, `--workers 1,2`), variants of the two proxy setups:
+
+    proxy-term-ops, proxy-orig-ops   the same config plus [audit] file and [metrics] bind
+    proxy-term-wN,  proxy-orig-wN    the same config with [proxy] workers = N
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import shutil
 import string
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +51,8 @@ class Setup:
     name: str
     direction: Direction
     middlebox: Middlebox | None
+    operations: bool = False  # the proxy with [audit] file and [metrics] bind
+    workers: int = 1  # the proxy's [proxy] workers
 
     @property
     def client_tls(self) -> bool:
@@ -73,6 +80,67 @@ PAIRS = {  # what the targets compare: the proxy against stunnel doing the same 
     "termination": ("proxy-term", "stunnel-term"),
     "origination": ("proxy-orig", "stunnel-orig"),
 }
+OPERATIONS_WORKLOADS = ("W1", "W3")  # where the -ops setups run (the issue's acceptance)
+WORKERS_WORKLOADS = ("W3",)  # where the -wN setups run (concurrent associations)
+
+
+def operations_setups() -> list[Setup]:
+    """proxy-term-ops and proxy-orig-ops: the proxy with its audit file and metrics server on."""
+    return [
+        Setup(f"{proxy}-ops", direction, "proxy", operations=True)
+        for direction, (proxy, _) in PAIRS.items()
+    ]
+
+
+def workers_setups(workers: int) -> list[Setup]:
+    """proxy-term-wN and proxy-orig-wN: the proxy with `workers = N`."""
+    return [
+        Setup(f"{proxy}-w{workers}", direction, "proxy", workers=workers)
+        for direction, (proxy, _) in PAIRS.items()
+    ]
+
+
+def chosen_setups(*, stunnel: bool, operations: bool, workers: list[int]) -> list[Setup]:
+    """The setups of one run in the order they alternate: each proxy variant next to the proxy
+    setup it varies, stunnel after them."""
+    extra: dict[str, list[Setup]] = {proxy: [] for proxy, _ in PAIRS.values()}
+    for setup in [
+        *(operations_setups() if operations else []),
+        *(s for n in workers if n != 1 for s in workers_setups(n)),
+    ]:
+        extra[PAIRS[setup.direction][0]].append(setup)
+    chosen: list[Setup] = []
+    for setup in SETUPS:
+        if setup.middlebox == "stunnel" and not stunnel:
+            continue
+        chosen.append(setup)
+        chosen += extra.get(setup.name, [])
+    return chosen
+
+
+def applies(workload: str, setup: Setup) -> bool:
+    """W4 measures what a middlebox keeps per association; direct has no middlebox. The -ops
+    setups run in W1 and W3, the -wN setups in W3."""
+    if workload == "W4" and setup.middlebox is None:
+        return False
+    if setup.operations and workload not in OPERATIONS_WORKLOADS:
+        return False
+    return not (setup.workers != 1 and workload not in WORKERS_WORKLOADS)
+
+
+def comparisons(names: Iterable[str]) -> list[tuple[str, str, str]]:
+    """The ratios to print, as (key, numerator, denominator) among the setups `names`: each
+    direction's proxy / stunnel (key: the direction), each proxy-X-wN / stunnel (key:
+    "DIRECTION-wN"), each proxy-X-ops / proxy-X without operations (key: "DIRECTION-ops")."""
+    present = set(names)
+    out = [(d, proxy, stunnel) for d, (proxy, stunnel) in PAIRS.items()]
+    for d, (proxy, stunnel) in PAIRS.items():
+        for name in sorted(present):
+            suffix = name.removeprefix(proxy + "-w")
+            if name.startswith(proxy + "-w") and suffix.isdigit():
+                out.append((f"{d}-w{suffix}", name, stunnel))
+    out += [(f"{d}-ops", f"{proxy}-ops", proxy) for d, (proxy, _) in PAIRS.items()]
+    return [(k, a, b) for k, a, b in out if a in present and b in present]
 
 
 @dataclass(frozen=True)
@@ -134,11 +202,12 @@ class Ports:
     plain_in: int  # the middlebox's plaintext side towards legacy clients (origination)
     device: int  # plaintext storescp
     tls_device: int  # storescp +tls
+    metrics: int  # the proxy's [metrics] bind (the -ops setups)
 
     @classmethod
     def fresh(cls) -> Ports:
         ports: set[int] = set()
-        while len(ports) < 4:
+        while len(ports) < 5:
             ports.add(procs.free_port())
         return cls(*sorted(ports))
 
@@ -154,6 +223,8 @@ class Endpoint:
     measured_pid: int | None  # the proxy or stunnel; None for direct
     log: Path | None  # the middlebox's log
     device_port: int  # where the device listens (W4's acceptor binds it itself)
+    audit: Path | None = None  # the proxy's audit file (the -ops setups)
+    metrics_port: int | None = None  # the proxy's /metrics (the -ops setups)
 
     def dcmtk(self, tool: str, *args: str) -> list[str]:
         return [
@@ -172,17 +243,31 @@ class Endpoint:
 # -- configs --------------------------------------------------------------------------------
 
 
-def proxy_config(pki: Pki, ports: Ports) -> str:
+def proxy_config(
+    pki: Pki, ports: Ports, setup: Setup | None = None, work: Path | None = None
+) -> str:
     """Two listeners and two routes, like a gateway in production: access checks on, log_level
-    info, limits high enough for W4's 500 idle associations."""
+    info, limits high enough for W4's 500 idle associations. With `setup.workers` > 1, that many
+    workers; with `setup.operations`, an audit file in `work` and a metrics server."""
     q = json.dumps
+    workers = f"workers = {setup.workers}\n" if setup and setup.workers != 1 else ""
+    operations = ""
+    if setup and setup.operations:
+        assert work is not None
+        operations = f"""
+[audit]
+file = {q(str(work / "audit.jsonl"))}
+
+[metrics]
+bind = "127.0.0.1:{ports.metrics}"
+"""
     return f"""\
 [proxy]
 max_connections = 1024
 max_pending = 1024
 log_level = "info"
 log_format = "text"
-
+{workers}{operations}
 [tls.inbound]
 certificate = {q(str(pki.cert("proxy")))}
 private_key = {q(str(pki.key("proxy")))}
@@ -272,7 +357,7 @@ def running(
             port = ports.tls_in if setup.direction == "termination" else ports.plain_in
             log = work / f"{setup.middlebox}.log"
             middlebox = stack.enter_context(
-                _start_middlebox(setup.middlebox, tools, pki, ports, port, work, log)
+                _start_middlebox(setup, tools, pki, ports, port, work, log)
             )
         yield Endpoint(
             setup=setup,
@@ -282,15 +367,17 @@ def running(
             measured_pid=middlebox.pid if middlebox else None,
             log=log,
             device_port=device_port,
+            audit=work / "audit.jsonl" if setup.operations else None,
+            metrics_port=ports.metrics if setup.operations else None,
         )
 
 
 def _start_middlebox(
-    kind: Middlebox, tools: Tools, pki: Pki, ports: Ports, port: int, work: Path, log: Path
+    setup: Setup, tools: Tools, pki: Pki, ports: Ports, port: int, work: Path, log: Path
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
-    if kind == "proxy":
+    if setup.middlebox == "proxy":
         config = work / "proxy.toml"
-        config.write_text(proxy_config(pki, ports))
+        config.write_text(proxy_config(pki, ports, setup, work))
         argv = [tools.python, "-m", "dicom_tls_proxy", "run", "-c", str(config)]
         return procs.started("proxy", argv, log, port=port, cwd=tools.proxy_source)
     if tools.stunnel is None:

@@ -8,13 +8,22 @@
 Every measurement warms the middlebox up with one C-ECHO association first (a long-running proxy
 has done that long ago), waits until it is idle, reads its CPU time, runs the clients, waits until
 the middlebox logged every association and is idle again, and reads its CPU time and peak RSS.
+
+A proxy with `workers = N` is measured with its workers (CPU and peak RSS summed over the parent
+and its live children), and is warmed up until every worker served one association. A proxy with
+its operations on (audit file, metrics server) is checked after the workload: its audit file must
+hold one JSON line per association it logged, and one scrape of /metrics (counted in its CPU, as
+a Prometheus scrape would be) must count them all too; a failed check fails the measurement.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +87,10 @@ class Run:
     payload_bytes: int = 0
     associations: int = 0
     wall_s: float | None = None
-    cpu_s: float | None = None  # the middlebox's, during the workload
-    peak_rss_kib: int | None = None  # the middlebox's VmHWM
+    cpu_s: float | None = None  # the middlebox's, during the workload (with its workers)
+    peak_rss_kib: int | None = None  # the middlebox's VmHWM (summed with its workers')
+    peak_rss_each_kib: list[int] = field(default_factory=list)  # with workers: parent's first
+    checks: dict[str, int] = field(default_factory=dict)  # -ops: what the audit and /metrics held
     idle: dict[str, int] = field(default_factory=dict)  # W4's RSS readings, KiB
     machine: dict[str, float] = field(default_factory=dict)  # what other processes used meanwhile
     error: str | None = None
@@ -166,15 +177,24 @@ def measure(
             _measure_idle(endpoint, pki, sizes, run)
         return
     pid = endpoint.measured_pid
-    _echo(endpoint, tools)  # warm-up
-    logged = _wait_logged(endpoint, 1)
+    logged = _warm_up(endpoint, tools)
+    _check_audit(endpoint, logged)  # its batch written now, not during the workload
     cpu_before = procs.wait_cpu_quiet(pid) if pid else None
-    with procs.py_spy(pid, profile):
+    with procs.py_spy(pid, profile, subprocesses=endpoint.setup.workers > 1):
         _run_clients(workload, endpoint, tools, data, sizes, run)
     if pid is not None:
-        _wait_logged(endpoint, logged + run.associations)
+        logged = _wait_logged(endpoint, logged + run.associations)
+        if endpoint.setup.operations:
+            run.checks = {
+                "associations_logged": logged,
+                "audit_associations": _check_audit(endpoint, logged),
+                "metrics_associations": _scrape_metrics(endpoint, logged),
+            }
         run.cpu_s = procs.wait_cpu_quiet(pid) - (cpu_before or 0.0)
-        run.peak_rss_kib = procs.memory_kib(pid)["VmHWM"]
+        peaks = procs.tree_peak_kib(pid)
+        run.peak_rss_kib = sum(peaks)
+        if len(peaks) > 1:
+            run.peak_rss_each_kib = peaks
 
 
 def _run_clients(
@@ -203,6 +223,78 @@ def _run_clients(
 
 def _echo(endpoint: Endpoint, tools: Tools) -> None:
     procs.run_clients([endpoint.dcmtk(tools.echoscu)], CLIENT_ENV, procs.TIMEOUT)
+
+
+WARM_UP_TRIES = 10  # C-ECHOs per worker at most, to reach every worker of a `workers = N` proxy
+
+
+def _warm_up(endpoint: Endpoint, tools: Tools) -> int:
+    """One C-ECHO association through the middlebox; with `workers = N`, more until every worker
+    logged one (the kernel hands each connection to whichever worker accepts first), at most
+    WARM_UP_TRIES x N. Returns the associations the middlebox has logged."""
+    workers = endpoint.setup.workers
+    for tries in range(1, WARM_UP_TRIES * workers + 1):
+        _echo(endpoint, tools)
+        logged = _wait_logged(endpoint, tries)
+        if workers == 1 or len(_workers_logged(endpoint)) >= workers:
+            break
+    return logged
+
+
+def _workers_logged(endpoint: Endpoint) -> set[str]:
+    """The `worker` field of the proxy's association lines (`workers = N` adds it)."""
+    assert endpoint.log is not None
+    lines = endpoint.log.read_text(errors="replace").splitlines()
+    return {
+        m.group(1)
+        for line in lines
+        if "event=association " in line and (m := re.search(r"\bworker=(\d+)", line))
+    }
+
+
+def _check_audit(endpoint: Endpoint, logged: int) -> int:
+    """With an audit file: wait until it holds `logged` association lines (it is written in
+    batches, at most once a second), and check every line is JSON and there are no more."""
+    if endpoint.audit is None:
+        return 0
+
+    def associations() -> int:
+        try:
+            text = endpoint.audit.read_text() if endpoint.audit else ""
+        except FileNotFoundError:
+            return 0
+        count = 0
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise procs.BenchmarkError(f"audit file line {number} is not JSON: {exc}") from exc
+            count += record.get("event") == "association"
+        return count
+
+    procs.wait_until(lambda: associations() >= logged, f"{logged} association lines in the audit")
+    found = associations()
+    if found != logged:
+        raise procs.BenchmarkError(f"audit file: {found} association lines, {logged} logged")
+    return found
+
+
+_ASSOCIATIONS_TOTAL = re.compile(r"^dicom_tls_proxy_associations_total\{[^}]*\} (\S+)$", re.M)
+
+
+def _scrape_metrics(endpoint: Endpoint, logged: int) -> int:
+    """One GET /metrics; dicom_tls_proxy_associations_total summed over its labels must be
+    `logged` (the proxy counts an association where it logs it)."""
+    url = f"http://127.0.0.1:{endpoint.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=procs.TIMEOUT) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        raise procs.BenchmarkError(f"GET {url}: {exc}") from exc
+    counted = round(sum(float(v) for v in _ASSOCIATIONS_TOTAL.findall(text)))
+    if counted != logged:
+        raise procs.BenchmarkError(f"/metrics: associations_total {counted}, {logged} logged")
+    return counted
 
 
 def _measure_idle(endpoint: Endpoint, pki: Pki, sizes: Sizes, run: Run) -> None:

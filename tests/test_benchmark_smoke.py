@@ -2,6 +2,8 @@
 
 Nothing here asserts a timing or a target: numbers from one tiny run on a shared machine mean
 nothing. Only that every workload was measured on every setup and the results were written.
+The one run also takes the optional setups (--operations, --workers 1,2), so they cannot rot
+either: their checks (audit file, /metrics) fail the run when they do not hold.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.dcmtk
 def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "--quick",
+            "--operations",
+            "--workers",
+            "1,2",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -31,10 +42,28 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
     data = json.loads(result.read_text())
     assert [r for r in data["runs"] if r["error"]] == []
     assert set(data["medians"]) == {"W1", "W2", "W3", "W4"}
-    middleboxes = [s for s in data["setups"] if s != "direct"]
+    ops = {"proxy-term-ops", "proxy-orig-ops"}
+    w2 = {"proxy-term-w2", "proxy-orig-w2"}
+    plain = [s for s in data["setups"] if s not in ops | w2]
+    middleboxes = [s for s in plain if s != "direct"]
     assert {"proxy-term", "proxy-orig"} <= set(middleboxes)
+    assert ops | w2 <= set(data["setups"])
+    extra = {"W1": ops, "W2": set(), "W3": ops | w2, "W4": set()}
     for workload, per_setup in data["medians"].items():
-        assert set(per_setup) == set(data["setups"] if workload != "W4" else middleboxes)
+        expected = set(plain if workload != "W4" else middleboxes) | extra[workload]
+        assert set(per_setup) == expected
+    for run in data["runs"]:
+        if run["setup"] in ops:  # audit file and /metrics held every association
+            checks = run["checks"]
+            assert checks["audit_associations"] == checks["associations_logged"] > 0
+            assert checks["metrics_associations"] == checks["associations_logged"]
+        if run["setup"] in w2:  # the parent and its two workers
+            assert len(run["peak_rss_each_kib"]) == 3
+    assert {"termination-ops", "origination-ops"} <= set(data["ratios"]["W3"])  # no stunnel needed
+    assert [t["direction"] for t in data["targets"] if t["target"].startswith("operations on")] == [
+        "termination",
+        "origination",
+    ]
     assert data["medians"]["W1"]["proxy-term"]["throughput_mb_s"] > 0
     assert data["medians"]["W2"]["proxy-term"]["cpu_ms_per_assoc"] >= 0
     assert data["medians"]["W4"]["proxy-term"]["idle_kib_handshake"] is not None
