@@ -53,7 +53,14 @@ OVERRIDABLE: frozenset[Reason] = frozenset(
     }
 )
 # pyOpenSSL's cffi bindings: decrypt into and drain straight from our buffers, without its copies.
-_NEEDED = ("SSL_read", "SSL_write", "BIO_read", "BIO_get_mem_data", "X509_verify_cert_error_string")
+_NEEDED = (
+    "SSL_read",
+    "SSL_write",
+    "BIO_read",
+    "BIO_get_mem_data",
+    "SSL_CTX_clear_mode",
+    "X509_verify_cert_error_string",
+)
 try:
     from OpenSSL._util import ffi as _ffi
     from OpenSSL._util import lib as _lib
@@ -201,6 +208,9 @@ def _apply_profile(ctx: SSL.Context, table: TlsTable) -> None:
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF)
     # An idle association then holds no 16 KiB record buffers: hundreds wait between studies.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    if _FAST:  # pyOpenSSL turns on partial writes: one SSL_write per 16 KiB record. Into a memory
+        # BIO a write never blocks, so one call can encrypt a whole slice.
+        _lib.SSL_CTX_clear_mode(ctx._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     if table.profile == "tls13":
         ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     elif table.profile == "legacy":
