@@ -318,6 +318,8 @@ def py_spy(pid: int | None, output: Path | None, subprocesses: bool = False) -> 
                 "--pid",
                 str(pid),
                 "--native",
+                "--rate",
+                "500",  # W1 lasts about half a second: py-spy's default 100 Hz gives 50 samples
                 *(["--subprocesses"] if subprocesses else []),
                 "--format",
                 fmt,

@@ -25,23 +25,53 @@ def _name(frame: str) -> str:
     return f"{m['func']} ({Path(where).name})"
 
 
-def summarise(path: Path, top: int) -> str:
+_SYSCALLS = ("send", "recv", "read", "write", "sendto", "recvfrom", "connect", "accept4", "close")
+
+
+def _area(leaf: str) -> str:
+    """Where a sample's time went, by the frame it was in."""
+    m = _FRAME.match(leaf)
+    func, where = (m["func"], m["where"]) if m else (leaf, "")
+    if func == "epoll_wait":
+        return "idle (epoll_wait)"
+    if func in _SYSCALLS:
+        return "kernel: socket system calls"
+    if "memmove" in func or "memcpy" in func or "memset" in func:
+        return "memory copies (libc)"
+    if "_rust.abi3" in where:
+        return "OpenSSL (crypto, TLS records, handshakes)"
+    if "dicom_tls_proxy" in where:
+        return "proxy Python code"
+    if where.startswith("trio/") or "/trio/" in where:
+        return "trio (scheduler, sockets, cancel scopes)"
+    return "other (interpreter, cffi, libc, stdlib)"
+
+
+def summarise(path: Path, top: int, busy: bool = False) -> str:
     selfs: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = stack.split(";")
+        area = _area(frames[-1])
+        if busy and area.startswith("idle"):
+            continue
+        total += n
+        areas[area] += n
         selfs[_name(frames[-1])] += n
         for name in {_name(f) for f in frames if "dicom_tls_proxy" in f}:
             inclusive[name] += n
     if not total:
         return f"{path}: no samples"
-    lines = [f"{path.name}: {total} samples", "", "self (the function the sample was in):"]
+    what = "busy samples (idle left out)" if busy else "samples"
+    lines = [f"{path.name}: {total} {what}", "", "by area:"]
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in areas.most_common()]
+    lines += ["", "self (the function the sample was in):"]
     lines += [f"  {n / total:6.1%}  {name}" for name, n in selfs.most_common(top)]
     lines += ["", "inclusive, proxy frames:"]
     lines += [f"  {n / total:6.1%}  {name}" for name, n in inclusive.most_common(top)]
@@ -52,9 +82,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("profiles", nargs="+", type=Path)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--busy", action="store_true", help="leave out samples idle in epoll_wait")
     args = parser.parse_args()
     for path in args.profiles:
-        print(summarise(path, args.top))
+        print(summarise(path, args.top, args.busy))
         print()
 
 
