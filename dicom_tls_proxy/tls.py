@@ -240,10 +240,10 @@ def _use_identity(ctx: SSL.Context, table: TlsTable) -> None:
     identity = table.identity
     if identity is None:
         return
-    ctx.use_certificate(crypto.X509.from_cryptography(identity.certificate))
+    ctx.use_certificate(identity.certificate)
     for extra in identity.chain:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(identity.private_key))  # type: ignore[arg-type]
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(identity.private_key)  # type: ignore[arg-type]  # others raise TypeError
     ctx.check_privatekey()
 
 
