@@ -178,7 +178,8 @@ class Sink(Protocol):
     def event(self, fields: dict[str, Any]) -> None: ...
 
     def close(self) -> None:
-        """The proxy stops: make everything received durable."""
+        """The proxy stops: make everything received durable (the syslog sink: let nothing
+        more in; its writer task, which outlives the proxy's nursery, sends what is queued)."""
 
 
 _sinks: list[Sink] = []

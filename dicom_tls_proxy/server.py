@@ -106,6 +106,9 @@ class Generation:
             for r in config.routes
             if r.upstream_tls
         }
+        if config.audit.syslog_tls is not None and config.audit.syslog_tls not in client:
+            name = config.audit.syslog_tls  # the syslog collector's: re-read on reload too
+            client[name] = tls.client_context(config.tls[name])
         return cls(config, server, client)
 
 
@@ -141,6 +144,7 @@ class Proxy:
         self._connections: trio.Nursery | None = None
         self._all_closed = trio.Event()
         self.health = HealthChecks(self.config)  # run by `_run`; read by /readyz and /metrics
+        self.syslog: SyslogSink | None = None  # follows a reload's `[tls.NAME]` table
         self._active = 0
         self.on_active: Callable[[int], None] | None = None  # told each change of `active`
 
@@ -190,6 +194,9 @@ class Proxy:
             return False
         self.gen = gen
         self.health.follow(config)
+        if self.syslog is not None and config.audit.syslog_tls is not None:
+            name = config.audit.syslog_tls
+            self.syslog.follow(config.tls[name], gen.client_contexts[name])
         for warning in config.warnings:
             event("config-warning", logging.WARNING, msg=warning)
         event("reloaded", listeners=len(config.listeners), routes=len(config.routes))
@@ -751,13 +758,40 @@ def format_address(addr: tuple[str, int] | tuple[str, int, int, int] | object) -
 
 
 async def _run(config: Config, listen: str | None, share: int) -> int:
+    """The process's trio structure: an outer nursery for the syslog writer, which outlives the
+    proxy's own nursery (`_serve`) so that the Application Stop, emitted once the proxy has
+    stopped, still goes out; it gets CLOSE_TIMEOUT for what is queued, then is cancelled."""
     proxy = Proxy(config, share=share)
     # Bound before any nursery opens, so that a port in use is a plain StartError.
     bound = listeners_from_fds(config, listen) if listen else await bind_listeners(config)
     trail, syslog, telemetry, metrics_sockets = await _open_sinks(config, proxy)
+    code = 1
+    async with trio.open_nursery() as outlives_proxy:
+        if syslog is not None:
+            await outlives_proxy.start(syslog.run)
+            proxy.syslog = syslog
+        try:
+            code = await _serve(proxy, listen, bound, (trail, syslog, telemetry), metrics_sockets)
+        finally:
+            if syslog is not None:
+                await syslog.finish()  # shielded, at most CLOSE_TIMEOUT
+            outlives_proxy.cancel_scope.cancel()
+    return code
+
+
+async def _serve(
+    proxy: Proxy,
+    listen: str | None,
+    bound: list[tuple[Listener, trio.SocketListener]],
+    sinks: tuple[AuditFile | None, SyslogSink | None, Metrics | None],
+    metrics_sockets: list[trio.SocketListener],
+) -> int:
+    """The proxy's nursery: listeners, housekeeping, health checks, signals; ends drained."""
+    config = proxy.config
+    trail, _, telemetry = sinks
     code = 0
     with (
-        audit.attached(trail, syslog, telemetry),
+        audit.attached(*sinks),
         pid_file(config.proxy.pid_file if listen is None else None),
     ):
         # Signals are caught before READY=1: a stop right after start drains like any other.
@@ -820,10 +854,12 @@ async def _open_sinks(
         extra = {} if audit.worker_index is None else {"worker": audit.worker_index}
         trail = AuditFile(config.audit.file, extra=extra)
         trail.open()
-    syslog = None
+    syslog = None  # its writer is started by `_run`, in a nursery that outlives the proxy's
     if config.audit.syslog is not None and config.audit.syslog_tls is not None:
-        syslog = SyslogSink(config.audit.syslog, config.tls[config.audit.syslog_tls])
-        syslog.start()
+        name = config.audit.syslog_tls
+        syslog = SyslogSink(
+            config.audit.syslog, config.tls[name], context=proxy.gen.client_contexts[name]
+        )
     if config.metrics.bind is None:
         return trail, syslog, None, []
     if audit.worker_index is not None:  # the supervisor serves; this worker writes its share

@@ -18,14 +18,27 @@ facility 10 (security/authorization), severity 5 (notice) or 4 (warning) for ale
 after a UTF-8 BOM; each message octet-counted (RFC 5425: `MSGLEN SP SYSLOG-MSG`).
 
 How it stays out of the way of traffic: the sink interface (`association`, `event`) only builds
-the message and appends it to a bounded queue under a lock; a full queue drops the message and
-counts it. One thread runs its own trio loop that connects with the proxy's own TLS client
-(`tls.client_context` and `TlsStream.connect`: chain or thumbprint verification and the server name
-check of the `syslog_tls` table), sends what is queued, and reconnects with exponential backoff
-when the collector is down; the queue keeps what was not sent. Syslog over TLS has no
-acknowledgement: a message written just before the collector died can be lost unnoticed.
-A thread rather than a task of the proxy's loop, so that the `stopped` event, emitted after the
-proxy's nursery has ended, is still delivered at stop (`close` waits up to CLOSE_TIMEOUT).
+the message and appends it to a bounded queue (a deque, then a `trio.Event` wakes the writer); a
+full queue drops the message and counts it. Nothing there waits. One writer task, `run`, connects
+with the proxy's own TLS client (a `tls.client_context` and `TlsStream.connect`: chain or
+thumbprint verification and the server name check of the `syslog_tls` table), sends what is
+queued, and reconnects with exponential backoff when the collector is down; the queue keeps what
+was not sent. Syslog over TLS has no acknowledgement: a message written just before the collector
+died can be lost unnoticed.
+
+Where the writer runs: a task, no thread, in a nursery of `server._run` that encloses the proxy's
+own nursery. The proxy's nursery ends first (drained); then the `stopped` event queues the
+Application Stop, `audit.attached` closes the sink (`close`: nothing more is let in), and `finish`
+gives the writer
+CLOSE_TIMEOUT to send what is queued, then the outer nursery is cancelled. What was not sent is
+counted as dropped and reported (`syslog-dropped`).
+
+Reload: `Proxy.reload` builds the new generation's client context for the `syslog_tls` table (its
+certificate, key and CA files read again) and hands it to `follow`; the writer closes the current
+connection (after the message being written: close_notify, then it waits briefly for the
+collector to close its side) and makes the next one with the new settings. Queued messages stay
+queued. The collector's address and the table's name cannot change on reload (`fixed_settings`).
+With `workers = N` each worker has its own sink and connection, and follows its own reload.
 
 The builder functions (`application_activity`, `security_alert`, `alert_of`, `syslog_message`,
 `frame`) are pure; the I/O is in `SyslogSink`.
@@ -38,7 +51,6 @@ import getpass
 import logging
 import os
 import socket
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -48,6 +60,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import trio
+from OpenSSL import SSL
 
 from dicom_tls_proxy import tls
 from dicom_tls_proxy.audit import AssociationRecord, event
@@ -366,37 +379,47 @@ class _Lost(Exception):
 _DELIVERY_ERRORS = (*STREAM_ERRORS, tls.TlsFailure, trio.TooSlowError, _Lost)
 
 
+class _Connection:
+    """One TLS connection to the collector, and the scope of the task that watches it."""
+
+    def __init__(self, stream: tls.TlsStream) -> None:
+        self.stream = stream
+        self.watcher = trio.CancelScope()
+        self.ended = trio.Event()  # the collector closed it (or it broke)
+
+
 class SyslogSink:
-    """A sink of `audit.emit` and `audit.event` that sends DICOM audit messages to a collector."""
+    """A sink of `audit.emit` and `audit.event` that sends DICOM audit messages to a collector.
+
+    `run` is the writer task; `close` (the sink protocol, at stop) lets no message in any more,
+    `finish` gives the writer CLOSE_TIMEOUT to send what is queued; `follow` (a reload) makes the
+    next connection use a new `[tls.NAME]` table and ends the current one."""
 
     def __init__(
         self,
         target: Endpoint,
         table: TlsTable,
         *,
+        context: SSL.Context | None = None,
         identity: Identity | None = None,
         capacity: int = CAPACITY,
         alert_interval: float = ALERT_INTERVAL,
         backoff: tuple[float, float] = BACKOFF,
     ) -> None:
-        self.target, self.table = target, table
-        self.server_name = table.server_name or target.host
+        self.target = target
+        self.table, self.server_name = table, table.server_name or target.host
         self.me = identity or Identity.local()
         self.capacity = capacity
         self.backoff = backoff
-        self._context = tls.client_context(table)
+        self._context = context if context is not None else tls.client_context(table)
         self._limiter = AlertLimiter(alert_interval)
         self._queue: deque[bytes] = deque()
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._wake = trio.Event()
-        self._stop = trio.Event()
-        self._scope = trio.CancelScope()
-        self._stream: tls.TlsStream | None = None
-        self._watcher: trio.CancelScope | None = None
-        self._lost = False
+        self._wake = trio.Event()  # something was queued, the sink closed, or a reload
+        self._stop = trio.Event()  # the sink closed: cuts a back-off short
+        self._done = trio.Event()  # the writer has ended
+        self._connection: _Connection | None = None
+        self._running = False
+        self._renew = False  # a reload: end the current connection between two messages
         self._closing = False
         self._failing = False
         self._last_failure_line = -1e18
@@ -412,14 +435,12 @@ class SyslogSink:
         alert = alert_of(record)
         if alert is None:
             return
-        with self._lock:
-            admitted = self._limiter.admit(alert)
-            if not admitted:
-                self.suppressed += 1
-        if admitted:
-            when = _now()
-            xml = security_alert(alert, self.me, when)
-            self.put(syslog_message(xml, severity=WARNING, me=self.me, when=when))
+        if not self._limiter.admit(alert):
+            self.suppressed += 1
+            return
+        when = _now()
+        xml = security_alert(alert, self.me, when)
+        self.put(syslog_message(xml, severity=WARNING, me=self.me, when=when))
 
     def event(self, fields: dict[str, Any]) -> None:
         name = fields.get("event")
@@ -430,140 +451,99 @@ class SyslogSink:
 
     def put(self, message: bytes) -> None:
         """Queue one SYSLOG-MSG; a full queue (or a closed sink) drops it and counts it."""
-        with self._lock:
-            if self._closing or len(self._queue) >= self.capacity:
-                self.dropped += 1
-                dropped, report = self.dropped, self._due_drop_line()
-            else:
-                self._queue.append(frame(message))
-                dropped, report = 0, False
-        if report:
-            event(
-                "syslog-dropped",
-                logging.ERROR,
-                collector=str(self.target),
-                dropped=dropped,
-                msg="the syslog queue is full; audit messages are dropped, traffic goes on",
-            )
-        self._call(self._set_wake)
-
-    def start(self) -> None:
-        """Start the writer thread (it connects when there is something to send)."""
-        self._thread = threading.Thread(
-            target=trio.run, args=(self._serve,), name="syslog", daemon=True
-        )
-        self._thread.start()
-        self._ready.wait(CLOSE_TIMEOUT)
+        if self._closing or len(self._queue) >= self.capacity:
+            self.dropped += 1
+            if self._due_drop_line():
+                event(
+                    "syslog-dropped",
+                    logging.ERROR,
+                    collector=str(self.target),
+                    dropped=self.dropped,
+                    msg="the syslog queue is full; audit messages are dropped, traffic goes on",
+                )
+            return
+        self._queue.append(frame(message))
+        self._wake.set()
 
     def close(self) -> None:
-        """Send what is queued (the Application Stop), for at most CLOSE_TIMEOUT; what is left
-        is counted as dropped and reported."""
-        with self._lock:
-            self._closing = True
-        self._call(self._set_stop)
-        if self._thread is not None:
-            self._thread.join(CLOSE_TIMEOUT)
-            if self._thread.is_alive():
-                self._call(self._scope.cancel)
-                self._thread.join(CLOSE_TIMEOUT)
-        with self._lock:
-            left = len(self._queue)
-            self._queue.clear()
-            self.dropped += left
-        if left:
-            event(
-                "syslog-dropped",
-                logging.ERROR,
-                collector=str(self.target),
-                dropped=self.dropped,
-                msg=f"{left} audit messages not delivered to the syslog collector at stop",
-            )
-
-    def queued(self) -> int:
-        with self._lock:
-            return len(self._queue)
-
-    # -- helpers called in the writer's loop -------------------------------------------------
-
-    def _call(self, fn: Callable[[], object]) -> None:
-        token = self._token
-        if token is not None:
-            try:
-                token.run_sync_soon(fn)
-            except trio.RunFinishedError:
-                pass
-
-    def _set_wake(self) -> None:
-        self._wake.set()
-
-    def _set_stop(self) -> None:
+        """At stop: no message is let in any more; the writer sends what is queued (the
+        Application Stop) and ends, within `finish`'s time. A sink whose writer never ran drops
+        what is queued at once, counted and reported."""
+        self._closing = True
         self._stop.set()
         self._wake.set()
+        if not self._running:
+            self._drop_left()
 
-    def _due_drop_line(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_drop_line >= REPORT_INTERVAL:
-            self._last_drop_line = now
-            return True
-        return False
+    def follow(self, table: TlsTable, context: SSL.Context) -> None:
+        """A reload: connect with this `[tls.NAME]` table (its files read again into `context`)
+        from now on. The current connection is closed after the message being written, so that a
+        rotated certificate or a new CA takes effect at once; nothing queued is lost."""
+        self.table, self._context = table, context
+        self.server_name = table.server_name or self.target.host
+        self._renew = True
+        self._wake.set()
 
-    def _peek(self) -> bytes | None:
-        with self._lock:
-            return self._queue[0] if self._queue else None
+    async def finish(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close, then wait (even when cancelled) up to `timeout` for the writer to have sent
+        what is queued; the caller then cancels the writer's nursery."""
+        self.close()
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            await self._done.wait()
 
-    def _pop(self) -> None:
-        with self._lock:
-            self._queue.popleft()
-            self.sent += 1
+    def queued(self) -> int:
+        return len(self._queue)
 
-    def _release_summaries(self, *, everything: bool = False) -> None:
-        with self._lock:
-            due = self._limiter.due(everything=everything)
-        for alert in due:
-            when = _now()
-            xml = security_alert(alert, self.me, when)
-            message = frame(syslog_message(xml, severity=WARNING, me=self.me, when=when))
-            with self._lock:
-                if len(self._queue) < self.capacity:
-                    self._queue.append(message)
-                else:
-                    self.dropped += 1
+    # -- the writer task ------------------------------------------------------------------
 
-    # -- the writer (its own trio loop, in its own thread) ----------------------------------
-
-    async def _serve(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._wake, self._stop = trio.Event(), trio.Event()
-        self._ready.set()
-        delay = self.backoff[0]
-        with self._scope:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send what is queued, connecting when there is something to send; reconnect with
+        exponential back-off when the collector is down. Ends once closed with an empty queue
+        (or a failed last attempt); cancelled, it ends at once. What is left is counted."""
+        self._running = True
+        try:
             async with trio.open_nursery() as nursery:
-                while True:
-                    self._release_summaries(everything=self._closing)
-                    self._wake = trio.Event()
-                    if self._peek() is None:
-                        if self._closing:
-                            break
-                        with trio.move_on_after(TICK):
-                            await self._wake.wait()
-                        continue
-                    try:
-                        await self._deliver(nursery)
-                        delay = self.backoff[0]
-                    except _DELIVERY_ERRORS as exc:
-                        await self._disconnect()
-                        self._report_failure(exc)
-                        if self._closing:
-                            break
-                        with trio.move_on_after(delay):
-                            await self._stop.wait()
-                        delay = min(delay * 2, self.backoff[1])
+                task_status.started()
+                await self._write(nursery)
+                await self._disconnect(graceful=True)  # while its watcher still runs
                 nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            await self._disconnect()
+        finally:
+            with trio.CancelScope(shield=True):  # cancelled (`finish` timed out): at once
+                await self._disconnect()
+            self._running = False
+            self._drop_left()
+            self._done.set()
+
+    async def _write(self, nursery: trio.Nursery) -> None:
+        delay = self.backoff[0]
+        while True:
+            self._release_summaries(everything=self._closing)
+            self._wake = trio.Event()
+            if self._renew:
+                self._renew = False
+                await self._disconnect(graceful=True)
+            if not self._queue:
+                if self._closing:
+                    return
+                with trio.move_on_after(TICK):
+                    await self._wake.wait()
+                continue
+            try:
+                await self._deliver(nursery)
+                delay = self.backoff[0]
+            except _DELIVERY_ERRORS as exc:
+                await self._disconnect()
+                self._report_failure(exc)
+                if self._closing:
+                    return
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+                delay = min(delay * 2, self.backoff[1])
 
     async def _deliver(self, nursery: trio.Nursery) -> None:
-        if self._stream is None:
+        """Write queued messages, one whole frame at a time, until the queue is empty or a
+        reload asks for a new connection. A message leaves the queue once written."""
+        if self._connection is None:
             with trio.fail_after(CONNECT_TIMEOUT):
                 sock = await trio.open_tcp_stream(self.target.host, self.target.port)
                 try:
@@ -574,42 +554,81 @@ class SyslogSink:
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(sock)
                     raise
-            self._stream, self._lost = stream, False
-            self._watcher = trio.CancelScope()
-            nursery.start_soon(self._watch, stream, self._watcher)
+            self._connection = connection = _Connection(stream)
+            nursery.start_soon(self._watch, connection)
             self._report_connected()
-        stream = self._stream
-        while (message := self._peek()) is not None:
-            if self._lost:
+        connection = self._connection
+        while self._queue and not self._renew:
+            if connection.ended.is_set():
                 raise _Lost("the collector closed the connection")
             with trio.fail_after(SEND_TIMEOUT):
-                await stream.send_all(message)
-            self._pop()
+                await connection.stream.send_all(self._queue[0])
+            self._queue.popleft()
+            self.sent += 1
 
-    async def _watch(self, stream: tls.TlsStream, scope: trio.CancelScope) -> None:
-        """The collector sends nothing (RFC 5425); end of stream or an error means it is gone."""
-        with scope:
+    async def _watch(self, connection: _Connection) -> None:
+        """The collector sends nothing (RFC 5425): end of stream or an error means it is gone."""
+        with connection.watcher:
             try:
-                while await stream.receive_some():
+                while await connection.stream.receive_some():
                     pass
-            except Exception:
-                pass
-            if self._stream is stream:
-                self._lost = True
-                self._wake.set()
+            except _DELIVERY_ERRORS:
+                pass  # the writer finds out at its next message, and reports it
+            connection.ended.set()
+            self._wake.set()
 
-    async def _disconnect(self) -> None:
-        stream, self._stream = self._stream, None
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
-        if stream is not None:
+    async def _disconnect(self, *, graceful: bool = False) -> None:
+        """Close the connection. Graceful (a reload, a stop with nothing left): close_notify
+        and FIN, then wait briefly for the collector to close its side, so that it has read
+        everything before the socket is closed (closing with unread input would send a reset)."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        stream = connection.stream
+        if graceful and not connection.ended.is_set():
             with trio.move_on_after(1.0):
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass
-            await trio.aclose_forcefully(stream.transport)
+                await stream.send_eof()
+                await connection.ended.wait()
+        connection.watcher.cancel()
+        with trio.move_on_after(1.0):
+            try:
+                await stream.aclose()
+            except _DELIVERY_ERRORS:
+                pass
+        await trio.aclose_forcefully(stream.transport)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def _drop_left(self) -> None:
+        left = len(self._queue)
+        if not left:
+            return
+        self._queue.clear()
+        self.dropped += left
+        event(
+            "syslog-dropped",
+            logging.ERROR,
+            collector=str(self.target),
+            dropped=self.dropped,
+            msg=f"{left} audit messages not delivered to the syslog collector at stop",
+        )
+
+    def _due_drop_line(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_drop_line >= REPORT_INTERVAL:
+            self._last_drop_line = now
+            return True
+        return False
+
+    def _release_summaries(self, *, everything: bool = False) -> None:
+        for alert in self._limiter.due(everything=everything):
+            when = _now()
+            xml = security_alert(alert, self.me, when)
+            message = frame(syslog_message(xml, severity=WARNING, me=self.me, when=when))
+            if len(self._queue) < self.capacity:
+                self._queue.append(message)
+            else:
+                self.dropped += 1
 
     def _report_connected(self) -> None:
         fields: dict[str, Any] = {"collector": str(self.target), "queued": self.queued()}

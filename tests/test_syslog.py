@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
+import signal
 import socket
 import ssl
 import threading
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from dicom_tls_proxy import pdu
 from dicom_tls_proxy.audit import AssociationRecord
@@ -40,6 +43,7 @@ from tests.support import (
     TIMEOUT,
     RawClient,
     build_rq,
+    certificate_of,
     client_ssl_context,
     free_port,
     pacs_identities,
@@ -199,6 +203,9 @@ class Receiver:
         self.port = int(self.listener.getsockname()[1])
         self.address = f"127.0.0.1:{self.port}"
         self.messages: list[bytes] = []
+        self.origins: list[int] = []  # per message: the index of its connection in `peers`
+        self.peers: list[bytes] = []  # per connection: the client certificate (DER) it showed
+        self.ended = 0  # connections the proxy closed cleanly (close_notify or EOF, no cut frame)
         self.errors: list[BaseException] = []
         self.connections = 0
         self._lock = threading.Lock()
@@ -218,7 +225,9 @@ class Receiver:
         try:
             with self.ctx.wrap_socket(conn, server_side=True) as tconn:
                 with self._lock:
+                    index = self.connections
                     self.connections += 1
+                    self.peers.append(tconn.getpeercert(binary_form=True) or b"")
                     self._open.append(tconn)
                 buf = b""
                 while True:
@@ -228,11 +237,14 @@ class Receiver:
                         end = m.end() + int(m[1])
                         with self._lock:
                             self.messages.append(buf[m.end() : end])
+                            self.origins.append(index)
                         buf = buf[end:]
                     assert len(buf) < 1 << 20 and (not buf or buf[:1].isdigit()), buf[:50]
                     data = tconn.recv(65536)
                     if not data:
                         assert not buf, f"cut frame: {buf[:50]!r}"
+                        with self._lock:
+                            self.ended += 1
                         return
                     buf += data
         except (ssl.SSLError, OSError):
@@ -397,6 +409,149 @@ def test_collector_down_at_start_then_up_gets_what_was_queued(tmp_path: Path, pk
         with receiver(pki, port) as again:
             (alert,) = again.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
             assert details(alert)["Reason"] == "plaintext-on-tls"
+
+
+def refused_plaintext(address: tuple[str, int]) -> None:
+    client = RawClient(address)
+    try:
+        client.send(build_rq("CT", "ALLOWED_SCU"))
+        assert client.read_pdu() == pdu.encode_reject(1, 1, 1)
+    finally:
+        client.close()
+
+
+def der_of(path: Path) -> bytes:
+    return bytes(certificate_of(path).public_bytes(Encoding.DER))
+
+
+def threads_of(pid: int) -> list[str]:
+    """The names of a process's threads, but trio's idle `to_thread` workers ("Trio thread N")."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # ended meanwhile
+            continue
+    return [name for name in names if not name.startswith("Trio thread")]
+
+
+def test_the_writer_is_a_task_not_a_thread(tmp_path: Path, pki: Path) -> None:
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc")
+    with receiver(pki) as collector:
+        with running_proxy(tmp_path, config(pki, collector.address)) as proxy:
+            collector.wait_for(APPLICATION_ACTIVITY, START)
+            proxy.wait_for(event="syslog-connected")
+            refused_calling_ae(proxy.address("tls"), pki)
+            collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+            assert len(threads_of(proxy.proc.pid)) == 1, threads_of(proxy.proc.pid)
+        # At stop, the Application Stop still goes out: the writer outlives the proxy's nursery.
+        assert proxy.proc.returncode == 0
+        collector.wait_for(APPLICATION_ACTIVITY, STOP)
+        assert not proxy.find(event="syslog-dropped")
+        assert collector.connections == 1
+
+
+def rotatable_client_certificate(tmp_path: Path, pki: Path, cfg: dict[str, Any]) -> Path:
+    """The collector table's client certificate as files of their own (the proxy's at first)."""
+    folder = tmp_path / "syslog-client"
+    folder.mkdir()
+    shutil.copy(pki / "proxy.pem", folder / "client.pem")
+    shutil.copy(pki / "proxy.key", folder / "client.key")
+    cfg["tls"]["collector"].update(
+        certificate=folder / "client.pem", private_key=folder / "client.key"
+    )
+    return folder
+
+
+def rotate(folder: Path, pki: Path) -> None:
+    """A renewed client certificate at the same paths (the dev PKI's CN=dicom-client)."""
+    shutil.copy(pki / "client.key", folder / "client.key")
+    shutil.copy(pki / "client.pem", folder / "client.pem")
+
+
+def test_a_reload_rotates_the_client_certificate(tmp_path: Path, pki: Path) -> None:
+    old, new = der_of(pki / "proxy.pem"), der_of(pki / "client.pem")
+    with receiver(pki) as collector:
+        cfg = config(pki, collector.address)
+        folder = rotatable_client_certificate(tmp_path, pki, cfg)
+        with running_proxy(tmp_path, cfg) as proxy:
+            address = proxy.address("tls")
+            collector.wait_for(APPLICATION_ACTIVITY, START)
+            refused_calling_ae(address, pki)
+            collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+            assert collector.peers == [old]
+
+            rotate(folder, pki)
+            proxy.proc.send_signal(signal.SIGHUP)
+            proxy.wait_for(event="reloaded")
+            # Queued at once, while the old connection is being closed: it waits, then goes
+            # out on the new one.
+            refused_plaintext(address)
+            wait_until(lambda: collector.ended >= 1, what="the old connection closed cleanly")
+            collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION, 2)
+            assert collector.peers == [old, new]
+        collector.wait_for(APPLICATION_ACTIVITY, STOP)
+        with collector._lock:
+            received = list(zip(collector.messages, collector.origins, strict=True))
+        seen = []
+        for message, origin in received:
+            root = parse_message(message)[1]
+            seen.append((codes(root)[1], details(root).get("Reason", ""), origin))
+        assert seen == [  # each message once, in order, none lost
+            (START, "", 0),
+            (NODE_AUTHENTICATION, "calling-ae-not-allowed", 0),
+            (NODE_AUTHENTICATION, "plaintext-on-tls", 1),
+            (STOP, "", 1),
+        ]
+        assert collector.connections == 2 and not proxy.find(event="syslog-failed")
+
+
+def test_a_reload_cannot_change_the_collector_or_its_table(tmp_path: Path, pki: Path) -> None:
+    with receiver(pki) as collector:
+        cfg = config(pki, collector.address)
+        with running_proxy(tmp_path, cfg) as proxy:
+            collector.wait_for(APPLICATION_ACTIVITY, START)
+            cfg["tls"]["other"] = cfg["tls"]["collector"]
+            cfg["audit"]["syslog_tls"] = "other"
+            proxy.config_path.write_text(toml_dumps(cfg))
+            proxy.proc.send_signal(signal.SIGHUP)
+            failed = proxy.wait_for(event="reload-failed")
+            assert failed["changed"] == ["audit.syslog"]
+            assert "cannot change while running" in failed["msg"]
+            refused_calling_ae(proxy.address("tls"), pki)  # the old settings go on
+            collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+            assert collector.connections == 1 and collector.ended == 0
+
+
+def test_each_worker_sends_and_follows_a_reload(tmp_path: Path, pki: Path) -> None:
+    """`workers = N`: every worker has its own sink and connection (the parent none); each
+    reloads on the forwarded SIGHUP and connects with the rotated certificate."""
+    new = der_of(pki / "client.pem")
+    with receiver(pki) as collector:
+        cfg = config(pki, collector.address)
+        cfg["proxy"]["workers"] = 2
+        cfg["listener"][0]["bind"] = f"127.0.0.1:{free_port()}"
+        folder = rotatable_client_certificate(tmp_path, pki, cfg)
+        with running_proxy(tmp_path, cfg) as proxy:
+            pids = set(proxy.wait_for(event="workers-started")["pids"])
+            collector.wait_for(APPLICATION_ACTIVITY, START, 2)
+            rotate(folder, pki)
+            proxy.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: len(proxy.find(event="reloaded")) == 2, what="both reloaded")
+            wait_until(lambda: collector.ended >= 2, what="both old connections closed")
+        collector.wait_for(APPLICATION_ACTIVITY, STOP, 2)
+        with collector._lock:
+            received = list(zip(collector.messages, collector.origins, strict=True))
+            peers = list(collector.peers)
+        by_kind: dict[str, set[int]] = {START: set(), STOP: set()}
+        for message, origin in received:
+            m, root = parse_message(message)
+            by_kind[codes(root)[1]].add(int(m["procid"]))
+            if codes(root)[1] == STOP:
+                assert peers[origin] == new
+        assert by_kind == {START: pids, STOP: pids}
+        assert collector.connections == 4
 
 
 # -- the builders, pure ---------------------------------------------------------------------
