@@ -113,7 +113,9 @@ async def relay(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, c, u, pending_up, nursery)
-                nursery.start_soon(pump, u, c, pending_down, nursery)
+                # The other direction in this task: one task less per association (idle ones
+                # are counted in hundreds).
+                await pump(u, c, pending_down, nursery)
         finally:
             if shutdown is not None:
                 shutdown.relays.discard(idle)
