@@ -352,6 +352,9 @@ class Proxy:
             try:
                 upstream = await self._open_upstream(gen, route, record)
                 after_ac = await self._associate(gen, client, upstream, route, rq, record)
+                # Not kept for the association's life (hundreds may idle between studies): the
+                # first read, the RQ and its parse; the route and the record hold what is needed.
+                del initial, raw, rq
                 if after_ac is not None:
                     await relay(
                         client,
