@@ -30,7 +30,7 @@ from dicom_tls_proxy import audit, pdu, policy, routing, tls
 from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auditfile import AuditFile
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
-from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, load_config
+from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, TlsTable, load_config
 from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
 from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
@@ -235,20 +235,7 @@ class Proxy:
             kind = f"tls:{li.tls}" if li.tls else "plaintext"
             event("listening", listener=li.name, address=address, kind=kind)
         for name, table in self.gen.config.tls.items():
-            if table.verify == "none":
-                event(
-                    "insecure",
-                    logging.WARNING,
-                    tls=name,
-                    msg='verify = "none": peers are not authenticated',
-                )
-            if table.profile == "legacy":
-                event(
-                    "insecure",
-                    logging.WARNING,
-                    tls=name,
-                    msg='profile = "legacy": TLS 1.0/1.1 and CBC suites allowed',
-                )
+            _warn_insecure(table, tls=name)
         async with trio.open_nursery() as connections:
             self._connections = connections
             with self._accepting:
@@ -482,22 +469,7 @@ class Proxy:
                 peer=record.peer,
                 msg=warning,
             )
-        if table.verify == "none":
-            event(
-                "insecure",
-                logging.WARNING,
-                listener=li.name,
-                peer=record.peer,
-                msg='peer not authenticated (verify = "none")',
-            )
-        if table.profile == "legacy":
-            event(
-                "insecure",
-                logging.WARNING,
-                listener=li.name,
-                peer=record.peer,
-                msg=f'profile = "legacy": {info.version} {info.cipher}',
-            )
+        _warn_insecure(table, f"{info.version} {info.cipher}", listener=li.name, peer=record.peer)
         return tstream, info.identity
 
     async def _open_upstream(
@@ -743,6 +715,17 @@ def _describe_request(record: AssociationRecord, rq: pdu.AssociateRequest) -> No
         if name not in names:
             names.append(name)
     record.abstract_syntaxes = names
+
+
+def _warn_insecure(
+    table: TlsTable, negotiated: str = "TLS 1.0/1.1 and CBC suites allowed", **where: str
+) -> None:
+    """The explicit opt-outs of BCP 195, logged at start (`tls=NAME`) and on every association
+    they apply to (`listener`, `peer`, and what was negotiated)."""
+    if table.verify == "none":
+        event("insecure", logging.WARNING, **where, msg='verify = "none": peer not authenticated')
+    if table.profile == "legacy":
+        event("insecure", logging.WARNING, **where, msg=f'profile = "legacy": {negotiated}')
 
 
 def _peer_of(stream: LeanStream) -> tuple[str, int]:
