@@ -207,6 +207,46 @@ def running_proxy(
         proxy.stop()
 
 
+# -- configs ------------------------------------------------------------------------------
+
+
+def tls_in(pki: Path, **overrides: Any) -> dict[str, Any]:
+    """The proxy's server table from the test PKI (proxy.pem, proxy.key, ca.pem); an override of
+    None leaves that key out."""
+    table = {
+        "certificate": pki / "proxy.pem",
+        "private_key": pki / "proxy.key",
+        "ca": pki / "ca.pem",
+        **overrides,
+    }
+    return {k: v for k, v in table.items() if v is not None}
+
+
+def proxy_config(
+    pki: Path,
+    upstream: str,
+    *,
+    proxy: dict[str, Any] | None = None,
+    tls: dict[str, Any] | None = None,
+    listener: list[dict[str, Any]] | None = None,
+    route: list[dict[str, Any]] | None = None,
+    **tables: Any,
+) -> dict[str, Any]:
+    """The config most tests run: [proxy] (`proxy`, default log_format = "json"), [tls.in] from
+    the test PKI (plus or replaced by the `tls` tables), one TLS listener "tls" on an ephemeral
+    port and one route, CT to `upstream`. `listener` and `route` replace those lists; other
+    keyword arguments are further top-level tables ([audit], [metrics])."""
+    return {
+        "proxy": {"log_format": "json"} if proxy is None else proxy,
+        "tls": {"in": tls_in(pki), **(tls or {})},
+        "listener": (
+            [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}] if listener is None else listener
+        ),
+        "route": [{"called_ae": "CT", "upstream": upstream}] if route is None else route,
+        **tables,
+    }
+
+
 # -- DICOM peers ----------------------------------------------------------------------------
 
 

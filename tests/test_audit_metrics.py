@@ -38,6 +38,7 @@ from tests.support import (
     client_ssl_context,
     free_port,
     pacs_identities,
+    proxy_config,
     running_proxy,
     toml_dumps,
     wait_until,
@@ -56,18 +57,12 @@ def config(
     metrics: bool = True,
     **proxy: Any,
 ) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "proxy": {"log_format": "json", **proxy},
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}],
-        "route": [{"called_ae": "CT", "upstream": upstream, "allow_calling_ae": ["ALLOWED*"]}],
-    }
+    cfg = proxy_config(
+        pki,
+        upstream,
+        proxy={"log_format": "json", **proxy},
+        route=[{"called_ae": "CT", "upstream": upstream, "allow_calling_ae": ["ALLOWED*"]}],
+    )
     if audit is not None:
         cfg["audit"] = {"file": str(audit)}
     if metrics:

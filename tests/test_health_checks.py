@@ -12,6 +12,7 @@ from tests.support import (
     LegacyDevice,
     ProxyProcess,
     free_port,
+    proxy_config,
     running_proxy,
     toml_dumps,
     wait_until,
@@ -23,14 +24,10 @@ INTERVAL = 0.5
 
 def health_config(pki: Path, legacy: LegacyDevice, port: int) -> dict[str, Any]:
     check = {"health_check": True, "health_check_interval": INTERVAL, "health_check_timeout": 5}
-    return {
-        "proxy": {"log_format": "json"},
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            },
+    return proxy_config(
+        pki,
+        legacy.address,
+        tls={
             "out": {
                 "certificate": pki / "client.pem",
                 "private_key": pki / "client.key",
@@ -38,9 +35,9 @@ def health_config(pki: Path, legacy: LegacyDevice, port: int) -> dict[str, Any]:
                 "server_name": "localhost",
             },
         },
-        "listener": [{"name": "tls", "bind": f"127.0.0.1:{port}", "tls": "in"}],
-        "metrics": {"bind": "127.0.0.1:0"},
-        "route": [
+        listener=[{"name": "tls", "bind": f"127.0.0.1:{port}", "tls": "in"}],
+        metrics={"bind": "127.0.0.1:0"},
+        route=[
             {"called_ae": "CT", "upstream": legacy.address, **check},
             # The proxy's own TLS listener, routed on to the device: a TLS upstream.
             {
@@ -53,7 +50,7 @@ def health_config(pki: Path, legacy: LegacyDevice, port: int) -> dict[str, Any]:
             {"called_ae": "DEAD", "upstream": f"127.0.0.1:{free_port()}", **check},
             {"called_ae": "UNCHECKED", "upstream": legacy.address},
         ],
-    }
+    )
 
 
 def readyz(proxy: ProxyProcess) -> tuple[int, dict[str, Any]]:

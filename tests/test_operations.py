@@ -23,6 +23,7 @@ from tests.support import (
     build_ac,
     build_rq,
     client_ssl_context,
+    proxy_config,
     running_proxy,
     toml_dumps,
     wait_until,
@@ -30,18 +31,7 @@ from tests.support import (
 
 
 def config(pki: Path, upstream: str, tmp_path: Path, **proxy: Any) -> dict[str, Any]:
-    return {
-        "proxy": {"pid_file": str(tmp_path / "proxy.pid"), **proxy},
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}],
-        "route": [{"called_ae": "CT", "upstream": upstream}],
-    }
+    return proxy_config(pki, upstream, proxy={"pid_file": str(tmp_path / "proxy.pid"), **proxy})
 
 
 def ctx(pki: Path) -> ssl.SSLContext:

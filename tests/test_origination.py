@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_tls_proxy import pdu
+from tests import support
 from tests.support import (
     TIMEOUT,
     ProxyProcess,
@@ -64,11 +65,7 @@ def config(
     tls: dict[str, Any] = {"pacs": {k: v for k, v in client.items() if v is not None}}
     listener: dict[str, Any] = {"name": "in", "bind": "127.0.0.1:0"}
     if tls_in:
-        tls["in"] = {
-            "certificate": pki / "proxy.pem",
-            "private_key": pki / "proxy.key",
-            "ca": pki / "ca.pem",
-        }
+        tls["in"] = support.tls_in(pki)
         listener["tls"] = "in"
     return {
         "proxy": {"log_format": "json"},

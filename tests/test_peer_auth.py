@@ -39,7 +39,9 @@ from tests.support import (
     build_rq,
     client_ssl_context,
     dcmtk,
+    proxy_config,
     running_proxy,
+    tls_in,
 )
 
 # TLS 1.0/1.1 clients are the point of some tests here.
@@ -190,18 +192,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Certs:
 
 def config(pki: Path, upstream: str, routes: list[dict[str, Any]] | None = None, **tls: Any) -> Any:
     """One TLS listener "tls" with table "in"; a `tls` value of None removes that key."""
-    table = {
-        "certificate": pki / "proxy.pem",
-        "private_key": pki / "proxy.key",
-        "ca": pki / "ca.pem",
-        **tls,
-    }
-    return {
-        "proxy": {"log_format": "json"},
-        "tls": {"in": {k: v for k, v in table.items() if v is not None}},
-        "listener": [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}],
-        "route": routes or [{"called_ae": "CT", "upstream": upstream}],
-    }
+    return proxy_config(pki, upstream, tls={"in": tls_in(pki, **tls)}, route=routes or None)
 
 
 def client_ctx(

@@ -47,7 +47,9 @@ from tests.support import (
     client_ssl_context,
     free_port,
     pacs_identities,
+    proxy_config,
     running_proxy,
+    tls_in,
     toml_dumps,
     wait_until,
 )
@@ -288,24 +290,13 @@ def receiver(pki: Path, port: int = 0) -> Iterator[Receiver]:
 
 
 def config(pki: Path, collector: str, *, metrics: bool = False) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "proxy": {"log_format": "json"},
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            },
-            "collector": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            },
-        },
-        "listener": [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}],
-        "route": [{"called_ae": "CT", "upstream": "127.0.0.1:9", "allow_calling_ae": ["ALLOWED*"]}],
-        "audit": {"syslog": collector, "syslog_tls": "collector"},
-    }
+    cfg = proxy_config(
+        pki,
+        "127.0.0.1:9",
+        tls={"collector": tls_in(pki)},
+        route=[{"called_ae": "CT", "upstream": "127.0.0.1:9", "allow_calling_ae": ["ALLOWED*"]}],
+        audit={"syslog": collector, "syslog_tls": "collector"},
+    )
     if metrics:
         cfg["metrics"] = {"bind": "127.0.0.1:0"}
     return cfg

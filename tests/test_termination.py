@@ -32,6 +32,7 @@ from tests.support import (
     dcmtk,
     free_port,
     make_dataset,
+    proxy_config,
     running_proxy,
     wait_port,
     wait_until,
@@ -62,18 +63,7 @@ LOG_FIELDS = {
 
 
 def config(pki: Path, upstream: str, **proxy: Any) -> dict[str, Any]:
-    return {
-        "proxy": {"log_format": "json", **proxy},
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}],
-        "route": [{"called_ae": "CT", "upstream": upstream}],
-    }
+    return proxy_config(pki, upstream, proxy={"log_format": "json", **proxy})
 
 
 def client_ctx(pki: Path) -> Any:

@@ -19,7 +19,9 @@ from tests.support import (
     TIMEOUT,
     ProxyProcess,
     free_port,
+    proxy_config,
     running_proxy,
+    tls_in,
     toml_dumps,
     wait_until,
 )
@@ -133,19 +135,13 @@ def test_what_is_watched_and_what_is_ignored(tmp_path: Path, pki: Path) -> None:
 
 
 def watched_config(pki: Path, secret: Path, folder: Path, **proxy: Any) -> dict[str, Any]:
-    return {
-        "proxy": {"pid_file": str(folder / "proxy.pid"), "watch_interval": 0.2, **proxy},
-        "audit": {"file": str(folder / "audit.jsonl")},  # beside the config: must not trigger
-        "tls": {
-            "in": {
-                "certificate": secret / "tls.crt",
-                "private_key": secret / "tls.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [{"name": "tls", "bind": "127.0.0.1:0", "tls": "in"}],
-        "route": [{"called_ae": "CT", "upstream": "127.0.0.1:104"}],
-    }
+    return proxy_config(
+        pki,
+        "127.0.0.1:104",
+        proxy={"pid_file": str(folder / "proxy.pid"), "watch_interval": 0.2, **proxy},
+        tls={"in": tls_in(pki, certificate=secret / "tls.crt", private_key=secret / "tls.key")},
+        audit={"file": str(folder / "audit.jsonl")},  # beside the config: must not trigger
+    )
 
 
 def served_sha256(address: tuple[str, int], pki: Path) -> str:

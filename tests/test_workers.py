@@ -26,6 +26,7 @@ from tests.support import (
     certificate_of,
     dcmtk,
     free_port,
+    proxy_config,
     running_proxy,
     toml_dumps,
     wait_until,
@@ -36,18 +37,12 @@ from tests.test_termination import dcmtk_tls, storescp
 
 
 def workers_config(pki: Path, upstream: str, port: int) -> dict[str, Any]:
-    return {
-        "proxy": {"workers": 2, "log_format": "json"},
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [{"name": "tls", "bind": f"127.0.0.1:{port}", "tls": "in"}],
-        "route": [{"called_ae": "CT", "upstream": upstream}],
-    }
+    return proxy_config(
+        pki,
+        upstream,
+        proxy={"workers": 2, "log_format": "json"},
+        listener=[{"name": "tls", "bind": f"127.0.0.1:{port}", "tls": "in"}],
+    )
 
 
 def _started(proxy: ProxyProcess) -> list[int]:

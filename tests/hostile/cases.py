@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_tls_proxy import pdu
+from tests import support
 from tests.support import TIMEOUT, build_rq, client_ssl_context
 
 Address = tuple[str, int]
@@ -31,21 +32,16 @@ Address = tuple[str, int]
 
 def proxy_config(pki: Path, upstream: str, **proxy: Any) -> dict[str, Any]:
     """One TLS listener and one plaintext listener, route CT to `upstream` on both."""
-    return {
-        "proxy": {"log_format": "json", **proxy},
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [
+    return support.proxy_config(
+        pki,
+        upstream,
+        proxy={"log_format": "json", **proxy},
+        listener=[
             {"name": "tls", "bind": "127.0.0.1:0", "tls": "in"},
             {"name": "plain", "bind": "127.0.0.1:0"},
         ],
-        "route": [{"called_ae": "CT", "upstream": upstream, "listeners": ["tls", "plain"]}],
-    }
+        route=[{"called_ae": "CT", "upstream": upstream, "listeners": ["tls", "plain"]}],
+    )
 
 
 def client_context(pki: Path) -> ssl.SSLContext:

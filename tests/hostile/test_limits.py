@@ -12,6 +12,7 @@ from tests.support import (
     RawClient,
     build_rq,
     client_ssl_context,
+    proxy_config,
     proxy_stats,
     running_proxy,
     wait_until,
@@ -19,18 +20,13 @@ from tests.support import (
 
 
 def config(pki: Path, upstream: str, **proxy: Any) -> dict[str, Any]:
-    return {
-        "proxy": proxy,
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [{"name": "plain", "bind": "127.0.0.1:0"}],
-        "route": [{"called_ae": "CT", "upstream": upstream, "listeners": ["plain"]}],
-    }
+    return proxy_config(
+        pki,
+        upstream,
+        proxy=proxy,
+        listener=[{"name": "plain", "bind": "127.0.0.1:0"}],
+        route=[{"called_ae": "CT", "upstream": upstream, "listeners": ["plain"]}],
+    )
 
 
 def test_max_connections_per_ip_closes_at_accept(

@@ -8,24 +8,27 @@ from pathlib import Path
 from typing import Any
 
 from dicom_tls_proxy import pdu
-from tests.support import TIMEOUT, LegacyDevice, RawClient, associate, build_rq, running_proxy
+from tests.support import (
+    TIMEOUT,
+    LegacyDevice,
+    RawClient,
+    associate,
+    build_rq,
+    proxy_config,
+    running_proxy,
+)
 
 
 def config(pki: Path, upstream: str, **listener: Any) -> dict[str, Any]:
-    return {
-        "tls": {
-            "in": {
-                "certificate": pki / "proxy.pem",
-                "private_key": pki / "proxy.key",
-                "ca": pki / "ca.pem",
-            }
-        },
-        "listener": [
+    return proxy_config(
+        pki,
+        upstream,
+        listener=[
             {"name": "tls", "bind": "127.0.0.1:0", "tls": "in", **listener},
             {"name": "plain", "bind": "127.0.0.1:0"},
         ],
-        "route": [{"called_ae": "CT", "upstream": upstream, "listeners": ["tls", "plain"]}],
-    }
+        route=[{"called_ae": "CT", "upstream": upstream, "listeners": ["tls", "plain"]}],
+    )
 
 
 def test_plaintext_dicom_on_tls_listener_gets_a_plaintext_reject(
