@@ -237,20 +237,29 @@ def make_ca(
     return key, _sign(builder, key, hash_alg)
 
 
-def _leaf_builder(
-    subject: x509.Name,
-    issuer: x509.Name,
-    key: PrivateKeyTypes,
+def _end_entity(
+    common_name: str,
+    ca: tuple[CertificateIssuerPrivateKeyTypes, x509.Certificate] | None,
     *,
     dns: Iterable[str],
     ips: Iterable[str | IPAddress],
     server: bool,
     client: bool,
-    extended_key_usage: Sequence[x509.ObjectIdentifier] | None,
+    key_size: int,
+    hash_alg: hashes.HashAlgorithm,
+    not_before: datetime.datetime | None,
+    not_after: datetime.datetime | None,
     key_usage: bool,
-    start: datetime.datetime,
-    end: datetime.datetime,
-) -> x509.CertificateBuilder:
+    days: int,
+    extended_key_usage: Sequence[x509.ObjectIdentifier] | None,
+    private_key: CertificateIssuerPrivateKeyTypes | None,
+) -> tuple[CertificateIssuerPrivateKeyTypes, x509.Certificate]:
+    """The end-entity certificate of ``make_leaf`` (signed by ``ca``, with an AKI) and of
+    ``make_self_signed`` (``ca`` None: issuer is the subject, signed by its own key, no AKI)."""
+    key: CertificateIssuerPrivateKeyTypes = (
+        private_key if private_key is not None else _new_rsa_key(key_size)
+    )
+    start, end = _validity(not_before, not_after, days)
     public_key = key.public_key()
     if not isinstance(
         public_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -258,8 +267,8 @@ def _leaf_builder(
         raise ValueError("only RSA and EC keys are supported")
     builder = (
         x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name) if ca is None else ca[1].subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
@@ -296,7 +305,17 @@ def _leaf_builder(
             ),
             critical=True,
         )
-    return builder
+    if ca is None:
+        return key, _sign(builder, key, hash_alg)
+    ca_key, ca_cert = ca
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:
+        issuer_public_key = ca_key.public_key()
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public_key)
+    builder = builder.add_extension(aki, critical=False)
+    return key, _sign(builder, ca_key, hash_alg)
 
 
 def make_leaf(
@@ -325,31 +344,22 @@ def make_leaf(
     of generating an RSA key of ``key_size`` bits. ``hash_alg=hashes.SHA1()`` works even though
     cryptography refuses it (see ``_sign_sha1``).
     """
-    key: CertificateIssuerPrivateKeyTypes = (
-        private_key if private_key is not None else _new_rsa_key(key_size)
-    )
-    start, end = _validity(not_before, not_after, days)
-    builder = _leaf_builder(
-        _name(common_name),
-        ca_cert.subject,
-        key,
+    return _end_entity(
+        common_name,
+        (ca_key, ca_cert),
         dns=dns,
         ips=ips,
         server=server,
         client=client,
-        extended_key_usage=extended_key_usage,
+        key_size=key_size,
+        hash_alg=hash_alg,
+        not_before=not_before,
+        not_after=not_after,
         key_usage=key_usage,
-        start=start,
-        end=end,
+        days=days,
+        extended_key_usage=extended_key_usage,
+        private_key=private_key,
     )
-    try:
-        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
-    except x509.ExtensionNotFound:
-        issuer_public_key = ca_key.public_key()
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public_key)
-    builder = builder.add_extension(aki, critical=False)
-    return key, _sign(builder, ca_key, hash_alg)
 
 
 def make_self_signed(
@@ -372,24 +382,22 @@ def make_self_signed(
 
     Same options as ``make_leaf``; such a certificate is trusted by thumbprint, not by a CA.
     """
-    key: CertificateIssuerPrivateKeyTypes = (
-        private_key if private_key is not None else _new_rsa_key(key_size)
-    )
-    start, end = _validity(not_before, not_after, days)
-    builder = _leaf_builder(
-        _name(common_name),
-        _name(common_name),
-        key,
+    return _end_entity(
+        common_name,
+        None,
         dns=dns,
         ips=ips,
         server=server,
         client=client,
-        extended_key_usage=extended_key_usage,
+        key_size=key_size,
+        hash_alg=hash_alg,
+        not_before=not_before,
+        not_after=not_after,
         key_usage=key_usage,
-        start=start,
-        end=end,
+        days=days,
+        extended_key_usage=extended_key_usage,
+        private_key=private_key,
     )
-    return key, _sign(builder, key, hash_alg)
 
 
 def make_crl(
