@@ -72,15 +72,7 @@ def test_two_workers_share_the_load_and_the_port(tmp_path: Path, pki: Path) -> N
                 "listener[0].bind: cannot listen on" in second.stderr and "in use" in second.stderr
             )
 
-            clients = [
-                subprocess.Popen(
-                    [dcmtk("echoscu"), *dcmtk_tls(pki), "-aec", "CT", "127.0.0.1", str(port)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for _ in range(40)
-            ]
-            assert [c.wait(TIMEOUT) for c in clients] == [0] * 40
+            assert _echoes(pki, port, 40) == [0] * 40
             wait_until(
                 lambda: len(proxy.find(event="association", outcome="completed")) == 40, what="40"
             )
@@ -105,15 +97,7 @@ def test_two_workers_share_the_load_and_the_port(tmp_path: Path, pki: Path) -> N
             assert new_pid not in pids and _alive(new_pid) and _alive(pids[1])
             wait_until(lambda: len(proxy.find(event="listening")) == 3, what="the new worker")
             before = len(proxy.find(event="association", worker=0))
-            clients = [
-                subprocess.Popen(
-                    [dcmtk("echoscu"), *dcmtk_tls(pki), "-aec", "CT", "127.0.0.1", str(port)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for _ in range(40)
-            ]
-            assert [c.wait(TIMEOUT) for c in clients] == [0] * 40
+            assert _echoes(pki, port, 40) == [0] * 40
             wait_until(
                 lambda: len(proxy.find(event="association", outcome="completed")) == 85, what="85"
             )
