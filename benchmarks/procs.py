@@ -297,8 +297,8 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 @contextmanager
 def py_spy(pid: int | None, output: Path | None, subprocesses: bool = False) -> Iterator[None]:
-    """A py-spy profile (Python and native frames) of `pid` while the block runs: a flame graph
-    for `.svg`, collapsed stacks (what speedscope and flamegraph.pl read) otherwise; nothing
+    """A py-spy profile (Python and native frames) of `pid` while the block runs, as collapsed
+    stacks (what `profile_summary.py`, speedscope and flamegraph.pl read); nothing
     when `output` is None. Sampling stops the process 100 times a second: a profiled run's
     numbers are not comparable with an unprofiled one's. With `subprocesses`, its children too
     (the proxy's workers)."""
@@ -308,7 +308,6 @@ def py_spy(pid: int | None, output: Path | None, subprocesses: bool = False) -> 
     exe = shutil.which("py-spy")
     if exe is None:
         raise BenchmarkError("py-spy is not installed: pip install py-spy")
-    fmt = "flamegraph" if output.suffix == ".svg" else "raw"  # raw: collapsed stacks, one per line
     log = output.with_suffix(".log")
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -322,7 +321,7 @@ def py_spy(pid: int | None, output: Path | None, subprocesses: bool = False) -> 
                 "500",  # W1 lasts about half a second: py-spy's default 100 Hz gives 50 samples
                 *(["--subprocesses"] if subprocesses else []),
                 "--format",
-                fmt,
+                "raw",  # collapsed stacks, one per line
                 "--output",
                 str(output),
             ],
@@ -340,7 +339,7 @@ def py_spy(pid: int | None, output: Path | None, subprocesses: bool = False) -> 
         yield
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # py-spy writes the flame graph on SIGINT
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
             try:
                 proc.wait(TIMEOUT)
             except subprocess.TimeoutExpired:

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy flame graphs of the proxy per measurement (its numbers are then perturbed)",
+        help="py-spy profiles (collapsed stacks) of the proxy per measurement (numbers perturbed)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work folder (configs, PKI, every log)"

@@ -172,7 +172,7 @@ def measure(
     profile: Path | None = None,
 ) -> None:
     """Fill `run` with one measurement of `workload` through `endpoint` (already up); with
-    `profile`, a py-spy flame graph of the middlebox during the workload goes there."""
+    `profile`, a py-spy profile of the middlebox during the workload goes there."""
     if workload == "W4":
         with procs.py_spy(endpoint.measured_pid, profile):
             _measure_idle(endpoint, pki, sizes, run)
