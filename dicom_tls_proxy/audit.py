@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -132,6 +133,23 @@ def setup_logging(fmt: str = "text", level: str = "info", *, worker: int | None 
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
+
+
+class Throttle:
+    """One log line per `interval` seconds for a condition that repeats (a full queue, a failing
+    disk): the counts travel in the next line."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last = -math.inf
+
+    def due(self) -> bool:
+        now = self._clock()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
 
 
 class RateLimiter:

@@ -35,13 +35,12 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from dicom_tls_proxy.audit import AssociationRecord, event
+from dicom_tls_proxy.audit import AssociationRecord, Throttle, event
 
 CAPACITY = 10_000  # lines waiting for the writer: about ten seconds of a very busy gateway
 INTERVAL = 1.0  # seconds between two write+fsync batches, at most
@@ -70,8 +69,8 @@ class AuditFile:
         self._cut = False  # the last write stopped inside a line
         self._closed = False
         self._failing = False
-        self._last_failure_line = -math.inf
-        self._last_drop_line = -math.inf
+        self._failure_lines = Throttle(REPORT_INTERVAL)
+        self._drop_lines = Throttle(REPORT_INTERVAL)
         self.written = 0  # lines written and fsynced
         self.dropped = 0  # lines lost: channel full, or their batch failed
         self.failures = 0  # failed batches (open, write or fsync)
@@ -95,9 +94,7 @@ class AuditFile:
             self._send.send_nowait(data)
         except trio.WouldBlock:
             self.dropped += 1
-            now = time.monotonic()
-            if now - self._last_drop_line >= REPORT_INTERVAL:
-                self._last_drop_line = now
+            if self._drop_lines.due():
                 event(
                     "audit-dropped",
                     logging.ERROR,
@@ -171,9 +168,7 @@ class AuditFile:
         self.failures += 1
         self.dropped += lines
         self._failing = True
-        now = time.monotonic()
-        if now - self._last_failure_line >= REPORT_INTERVAL:
-            self._last_failure_line = now
+        if self._failure_lines.due():
             event(
                 "audit-failed",
                 logging.ERROR,

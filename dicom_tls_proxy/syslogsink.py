@@ -63,7 +63,7 @@ import trio
 from OpenSSL import SSL
 
 from dicom_tls_proxy import tls
-from dicom_tls_proxy.audit import AssociationRecord, event
+from dicom_tls_proxy.audit import AssociationRecord, Throttle, event
 from dicom_tls_proxy.config import Endpoint, TlsTable
 from dicom_tls_proxy.streams import STREAM_ERRORS, os_error_text
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, TLS_REASONS, Reason
@@ -422,8 +422,8 @@ class SyslogSink:
         self._renew = False  # a reload: end the current connection between two messages
         self._closing = False
         self._failing = False
-        self._last_failure_line = -1e18
-        self._last_drop_line = -1e18
+        self._failure_lines = Throttle(REPORT_INTERVAL)
+        self._drop_lines = Throttle(REPORT_INTERVAL)
         self.sent = 0  # messages written to the collector
         self.dropped = 0  # messages lost: the queue was full, or still queued at stop
         self.failures = 0  # failed connection attempts and broken connections
@@ -453,7 +453,7 @@ class SyslogSink:
         """Queue one SYSLOG-MSG; a full queue (or a closed sink) drops it and counts it."""
         if self._closing or len(self._queue) >= self.capacity:
             self.dropped += 1
-            if self._due_drop_line():
+            if self._drop_lines.due():
                 event(
                     "syslog-dropped",
                     logging.ERROR,
@@ -613,13 +613,6 @@ class SyslogSink:
             msg=f"{left} audit messages not delivered to the syslog collector at stop",
         )
 
-    def _due_drop_line(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_drop_line >= REPORT_INTERVAL:
-            self._last_drop_line = now
-            return True
-        return False
-
     def _release_summaries(self, *, everything: bool = False) -> None:
         for alert in self._limiter.due(everything=everything):
             when = _now()
@@ -641,9 +634,7 @@ class SyslogSink:
     def _report_failure(self, exc: BaseException) -> None:
         self.failures += 1
         self._failing = True
-        now = time.monotonic()
-        if now - self._last_failure_line >= REPORT_INTERVAL:
-            self._last_failure_line = now
+        if self._failure_lines.due():
             if isinstance(exc, tls.TlsFailure):
                 text = f"{exc.reason}: {exc}"
             elif isinstance(exc, trio.TooSlowError):
