@@ -120,6 +120,12 @@ def _openssl_error_text(errnum: int) -> str:
     return f"verification error {errnum}"  # pragma: no cover - pyOpenSSL without its internals
 
 
+def _parsed(cert: crypto.X509) -> x509.Certificate:
+    """pyOpenSSL's certificate as cryptography's, through policy's cache: a modality shows the
+    same certificate on every association (`to_cryptography()` would parse it every time)."""
+    return policy.certificate_from_der(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+
+
 def _verify_callback(
     conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
 ) -> bool:
@@ -136,9 +142,7 @@ def _decide(state: _Verification, cert: crypto.X509, errnum: int, depth: int, ok
     if state.failure is not None:
         return False
     if depth == 0 and state.leaf is None:
-        state.leaf = policy.certificate_from_der(
-            crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-        )
+        state.leaf = _parsed(cert)
     if table.verify == "none":
         return True
     if depth == 0 and state.chain_failure is not None:
@@ -481,11 +485,7 @@ class TlsStream:
         cipher = conn.get_cipher_name() or ""
         encryption, mac = split_cipher(cipher)
         peer = conn.get_peer_certificate()
-        cert = (
-            policy.certificate_from_der(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
-            if peer is not None
-            else None
-        )
+        cert = _parsed(peer) if peer is not None else None
         v = self._verification
         identity = (
             policy.peer_identity(cert, chain_verified=v.table.verifies_chain)
