@@ -15,12 +15,21 @@ tickets and KeyUpdate answers produced while reading) drains the outgoing BIO un
 records leave in the order OpenSSL made them. TCP_NODELAY is set by `trio.SocketStream` itself; the
 proxy hands this stream a `sockio.LeanStream`, which passes through the scheduler once per chunk.
 
+The proxy's own upstream connections (origination) are a `SocketTlsStream` instead: OpenSSL reads
+and writes the socket itself, which spares the three passes over every written byte that the
+memory BIOs cost; see its docstring for why the listeners keep the memory BIOs.
+
 This module never logs and never decides routing: it reports a `TlsFailure` with a `Reason`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import os
+import sys
+import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -33,6 +42,7 @@ from OpenSSL import SSL, crypto
 from dicom_tls_proxy import policy
 from dicom_tls_proxy.auth import PeerIdentity
 from dicom_tls_proxy.config import TlsTable
+from dicom_tls_proxy.sockio import LeanStream
 from dicom_tls_proxy.thumbprint import matches_any
 from dicom_tls_proxy.vocabulary import Reason
 
@@ -402,6 +412,8 @@ class TlsStream:
         self._eof = False
         self._buffered = True  # the handshake may have left application data in the BIO
         self._error = ""
+        self._error_cause: OSError | None = None  # a reset seen by OpenSSL on its own socket
+        self._want_write = False  # SSL_read has a record to send first (on its own socket)
         conn.set_app_data(verification)
 
     # -- setting up -------------------------------------------------------------------------
@@ -431,14 +443,18 @@ class TlsStream:
         table: TlsTable,
         server_name: str,
     ) -> TlsStream:
-        """Client side handshake; `server_name` is checked against the certificate, sent as SNI."""
-        conn = SSL.Connection(ctx, None)
+        """Client side handshake; `server_name` is checked against the certificate, sent as SNI.
+        Over a `LeanStream` (the proxy's upstream connections) OpenSSL reads and writes the socket
+        itself: see `SocketTlsStream`."""
+        direct = isinstance(transport, LeanStream) and _FAST
+        conn = SSL.Connection(ctx, transport.socket if direct else None)  # type: ignore[attr-defined]
         conn.set_connect_state()
         try:
             ipaddress.ip_address(server_name)
         except ValueError:
             conn.set_tlsext_host_name(server_name.encode("idna"))
-        stream = cls(transport, conn, _Verification(table, "server", server_name=server_name))
+        kind = SocketTlsStream if direct else TlsStream
+        stream = kind(transport, conn, _Verification(table, "server", server_name=server_name))
         await stream._handshake()
         return stream
 
@@ -457,6 +473,11 @@ class TlsStream:
             if not data:
                 raise self._failure(None)
             self._conn.bio_write(data)
+        self._verified()
+        await self._flush()  # the last flight, and TLS 1.3 session tickets
+
+    def _verified(self) -> None:
+        """After a handshake OpenSSL completed: fail closed, and let go of the peer's leaf."""
         v = self._verification
         if v.failure is None and v.chain_failure is not None:  # fail closed, never reached so far
             v.failure = v.chain_failure
@@ -464,7 +485,6 @@ class TlsStream:
         # Only failures need the parsed leaf (to name it); `info()` reads the certificate afresh.
         # Hundreds of associations may sit idle for hours: each kept ~4 KiB alive with it.
         v.leaf = None
-        await self._flush()  # the last flight, and TLS 1.3 session tickets
 
     def _failure(self, exc: SSL.Error | None) -> TlsFailure:
         v = self._verification
@@ -530,7 +550,7 @@ class TlsStream:
     def _raise_if_broken(self) -> None:
         """A fatal TLS error while reading is a broken stream, like a reset, above."""
         if self._error:
-            raise trio.BrokenResourceError(self._error)
+            raise trio.BrokenResourceError(self._error) from self._error_cause
 
     def _decrypt(self, data: bytes | bytearray | memoryview) -> memoryview:
         """Ciphertext in, in slices (OpenSSL's memory BIOs never shrink); plaintext out, all of it
@@ -549,12 +569,13 @@ class TlsStream:
             if self._eof or self._error or start >= len(view):
                 return out.view()
 
-    def _decrypt_into(self, out: _Buffer) -> None:
-        """Every record OpenSSL can decrypt now, appended to `out`. With pyOpenSSL's internals at
-        hand, SSL_read writes into `out` directly: pyOpenSSL's own `recv` would decrypt into a
-        temporary buffer and copy it out again, per 16 KiB record."""
+    def _decrypt_into(self, out: _Buffer, limit: int | None = None) -> None:
+        """Every record OpenSSL can decrypt now (or until `out` holds `limit` bytes), appended to
+        `out`. With pyOpenSSL's internals at hand, SSL_read writes into `out` directly:
+        pyOpenSSL's own `recv` would decrypt into a temporary buffer and copy it out again, per
+        16 KiB record."""
         conn = self._conn
-        while True:
+        while limit is None or out.pos < limit:
             out.reserve(RECORD)
             try:
                 if _FAST:
@@ -566,7 +587,17 @@ class TlsStream:
                 out.pos += n
             except SSL.WantReadError:
                 break
-            except (SSL.ZeroReturnError, SSL.SysCallError):  # close_notify, or a TCP close
+            except SSL.WantWriteError:  # only on a socket BIO: its socket is full
+                self._want_write = True
+                break
+            except SSL.SysCallError as exc:  # a reset or a TCP close, on a socket BIO
+                if (code := _errno_of(exc)) > 0:
+                    self._error_cause = OSError(code, os.strerror(code))
+                    self._error = f"socket error: {os.strerror(code)}"
+                else:
+                    self._eof = True
+                break
+            except SSL.ZeroReturnError:  # close_notify, or a TCP close (OP_IGNORE_UNEXPECTED_EOF)
                 self._eof = True
                 break
             except SSL.Error as exc:  # bad record, or a fatal alert from the peer
@@ -626,13 +657,17 @@ class TlsStream:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    async def send_eof(self) -> None:
-        """close_notify, then shut the TCP write side; the peer may still send."""
+    async def _close_notify(self) -> None:
+        """Tell the peer we are done, if that takes at most a second; never raises."""
         try:
             self._conn.shutdown()
         except SSL.Error:
             pass
         await self._flush_quietly()
+
+    async def send_eof(self) -> None:
+        """close_notify, then shut the TCP write side; the peer may still send."""
+        await self._close_notify()
         try:
             await self.transport.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -640,16 +675,144 @@ class TlsStream:
 
     async def aclose(self) -> None:
         try:
-            with trio.move_on_after(1):
-                try:
-                    self._conn.shutdown()
-                except SSL.Error:
-                    pass
-                await self._flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+            await self._close_notify()
         finally:
             await self.transport.aclose()
+
+
+def _errno_of(exc: SSL.Error) -> int:
+    """The errno of a `SysCallError` OpenSSL met on its own socket; -1 for an EOF or none."""
+    code = exc.args[0] if isinstance(exc, SSL.SysCallError) and exc.args else -1
+    return code if isinstance(code, int) else -1
+
+
+_FIONREAD = bytearray(4)  # scratch for the ioctl below (trio runs one task at a time)
+
+
+def _waiting(sock: trio.socket.SocketType) -> int:
+    """Bytes the kernel holds for us to read on `sock`."""
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD)
+    return int.from_bytes(_FIONREAD, sys.byteorder)
+
+
+class SocketTlsStream(TlsStream):
+    """TLS where OpenSSL reads and writes the socket itself (`SSL_set_fd`, a socket BIO): the
+    proxy's upstream connections. Through memory BIOs every byte written crosses OpenSSL's BIO
+    three more times (the BIO's buffer zeroed, the records copied in, copied out to us): measured,
+    a third of the proxy's instructions when it originates TLS, where writing is the heavy
+    direction (a modality storing to a remote PACS). A socket BIO writes each record from
+    OpenSSL's own buffer, as stunnel does. The price is on reading: pyOpenSSL's bindings cannot turn
+    on read-ahead, so OpenSSL reads each record with two `read()` calls, again as stunnel does. The
+    listeners, where reading is the heavy direction, keep `TlsStream`'s one large read per wake-up.
+
+    Waiting is trio's `wait_readable`/`wait_writable` on the socket; the reading and the writing
+    task may each need the other direction (a KeyUpdate answer, a full socket), so one waits on the
+    socket and a second one on an event the first sets."""
+
+    def __init__(
+        self,
+        transport: trio.abc.HalfCloseableStream,
+        conn: SSL.Connection,
+        verification: _Verification,
+    ):
+        super().__init__(transport, conn, verification)
+        assert isinstance(transport, LeanStream)
+        self._socket = transport.socket
+        self._buffered = False  # nothing sits in a BIO: OpenSSL reads from the socket on demand
+        self._waiters: dict[bool, trio.Event] = {}  # writing? -> the event of the task waiting
+
+    async def _wait(self, writing: bool) -> None:
+        """Until the socket is writable (or readable); a second waiter waits for the first."""
+        if (other := self._waiters.get(writing)) is not None:
+            await other.wait()
+            return
+        self._waiters[writing] = done = trio.Event()
+        try:
+            if writing:
+                await trio.lowlevel.wait_writable(self._socket)
+            else:
+                await trio.lowlevel.wait_readable(self._socket)
+        finally:
+            del self._waiters[writing]
+            done.set()
+
+    def _broken(self, exc: SSL.Error) -> trio.BrokenResourceError:
+        """A socket error OpenSSL met (a reset) as trio says it, with the OSError as cause."""
+        if (code := _errno_of(exc)) > 0:
+            err = trio.BrokenResourceError(f"socket error: {os.strerror(code)}")
+            err.__cause__ = OSError(code, os.strerror(code))
+            return err
+        return trio.BrokenResourceError(f"TLS error: {_ssl_error_text(exc)}")
+
+    async def _until_done(self, step: Callable[[], object]) -> None:
+        """Call `step` (a handshake or shutdown step) until OpenSSL wants nothing more."""
+        while True:
+            try:
+                step()
+                return
+            except SSL.WantReadError:
+                await self._wait(writing=False)
+            except SSL.WantWriteError:
+                await self._wait(writing=True)
+
+    async def _handshake(self) -> None:
+        try:
+            await self._until_done(self._conn.do_handshake)
+        except SSL.SysCallError as exc:
+            if _errno_of(exc) > 0:  # a reset, as a memory BIO's transport would raise it
+                raise self._broken(exc) from None
+            raise self._failure(None) from None  # the peer closed during the handshake
+        except SSL.ZeroReturnError:
+            raise self._failure(None) from None
+        except SSL.Error as exc:  # OpenSSL has sent the alert that tells the peer why
+            raise self._failure(exc) from None
+        self._verified()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray | memoryview:
+        """All plaintext available now, up to about `max_bytes`; b"" at the end of the stream."""
+        limit = max_bytes or RECEIVE_SIZE
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._raise_if_broken()
+            if self._eof:
+                return b""
+            # Sized by what the kernel holds, plus a record OpenSSL may hold back from before.
+            out = _Buffer(min(_waiting(self._socket), limit) + RECORD + RECORD_OVERHEAD)
+            self._want_write = False
+            self._decrypt_into(out, limit=limit)
+            if out.pos:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # the one yield per chunk
+                return out.view()
+            if not (self._eof or self._error):
+                await self._wait(writing=self._want_write)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        size = len(view)
+        if not size:
+            return
+        conn = self._conn
+        with _ffi.from_buffer(view) as src:
+            # Partial writes are off: one call encrypts and writes the whole chunk, record by
+            # record; after "want write" it must be called again with the same arguments.
+            while (n := _lib.SSL_write(conn._ssl, src, size)) <= 0:
+                try:
+                    conn._raise_ssl_error(conn._ssl, n)
+                except SSL.WantWriteError:
+                    await self._wait(writing=True)
+                except SSL.Error as exc:  # incl. "want read": no renegotiation in the middle
+                    raise self._broken(exc) from None
+
+    async def _flush(self) -> None:
+        """OpenSSL has written everything itself."""
+
+    async def _close_notify(self) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self._until_done(self._conn.shutdown)
+            except SSL.Error:
+                pass
 
 
 def _ssl_error_text(exc: SSL.Error) -> str:

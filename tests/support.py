@@ -354,6 +354,30 @@ def client_ssl_context(ca: Path | None, cert: Path | None = None, key: Path | No
     return ctx
 
 
+def pacs_ssl_context(pki: Path) -> Any:
+    """A stdlib server context for a TLS PACS: proxy.pem (serverAuth), client certificate
+    required and verified against the test CA, TLS 1.2 or later."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(pki / "proxy.pem"), str(pki / "proxy.key"))
+    ctx.load_verify_locations(str(pki / "ca.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def tls_out(pki: Path) -> dict[str, Any]:
+    """The proxy's client table towards `pacs_ssl_context`: its client certificate, the test CA,
+    and the name in proxy.pem."""
+    return {
+        "certificate": pki / "client.pem",
+        "private_key": pki / "client.key",
+        "ca": pki / "ca.pem",
+        "server_name": "localhost",
+    }
+
+
 def associate(
     address: tuple[str, int],
     called_ae: str,
@@ -470,9 +494,11 @@ class RawClient:
 
 
 class ScriptedUpstream:
-    """A plaintext TCP server whose behaviour per connection is a function of the socket."""
+    """A TCP server whose behaviour per connection is a function of the socket: plaintext, or
+    TLS when given a server context (see `pacs_ssl_context`); the script then gets the TLS
+    socket, whose `setsockopt` and `shutdown` are the TCP socket's."""
 
-    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+    def __init__(self, script: Callable[[socket.socket], None], tls: Any | None = None) -> None:
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
@@ -481,6 +507,7 @@ class ScriptedUpstream:
         self.received: list[bytes] = []
         self.errors: list[BaseException] = []
         self._script = script
+        self._tls = tls
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -495,6 +522,8 @@ class ScriptedUpstream:
     def _run(self, conn: socket.socket) -> None:
         conn.settimeout(TIMEOUT)
         try:
+            if self._tls is not None:
+                conn = self._tls.wrap_socket(conn, server_side=True)
             self._script(conn)
         except BaseException as exc:  # kept for the test to look at
             self.errors.append(exc)

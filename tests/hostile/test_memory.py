@@ -21,11 +21,13 @@ from tests.support import (
     ScriptedUpstream,
     build_ac,
     build_rq,
+    pacs_ssl_context,
     proxy_stats,
     raise_fd_limit,
     recv_exact,
     recv_pdu,
     running_proxy,
+    tls_out,
     vm_rss_kib,
     wait_until,
 )
@@ -163,9 +165,14 @@ def slow_read(sock: socket.socket, total: int) -> str:
     return digest.hexdigest()
 
 
-def slow_reader_transfer(tmp_path: Path, pki: Path, total: int, direction: str) -> None:
-    """`total` bytes of P-DATA-TF from one side to the other, read slowly, through the proxy."""
+def slow_reader_transfer(
+    tmp_path: Path, pki: Path, total: int, direction: str, side: str = "termination"
+) -> None:
+    """`total` bytes of P-DATA-TF from one side to the other, read slowly, through the proxy:
+    TLS client to plaintext upstream (termination), or plaintext client to TLS upstream
+    (origination, where OpenSSL writes to and reads from the upstream socket itself)."""
     hashes: dict[str, str] = {}
+    origination = side == "origination"
 
     def upstream_side(conn: socket.socket) -> None:
         conn.settimeout(600)
@@ -178,12 +185,19 @@ def slow_reader_transfer(tmp_path: Path, pki: Path, total: int, direction: str) 
         assert recv_pdu(conn) == RELEASE_RQ
         conn.sendall(RELEASE_RP)
 
-    upstream = ScriptedUpstream(upstream_side)
+    upstream = ScriptedUpstream(upstream_side, pacs_ssl_context(pki) if origination else None)
     # A small receive window, so that the slow reader pushes back at once.
     upstream.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KIB)
+    cfg = proxy_config(pki, upstream.address)
+    if origination:
+        cfg["tls"]["pacs"] = tls_out(pki)
+        cfg["route"][0]["upstream_tls"] = "pacs"
     try:
-        with running_proxy(tmp_path, proxy_config(pki, upstream.address)) as proxy:
-            client = connect(proxy.address("tls"), client_context(pki))
+        with running_proxy(tmp_path, cfg) as proxy:
+            if origination:
+                client = connect(proxy.address("plain"), None)
+            else:
+                client = connect(proxy.address("tls"), client_context(pki))
             client.settimeout(600)
             try:
                 associate_raw(client)
@@ -202,7 +216,7 @@ def slow_reader_transfer(tmp_path: Path, pki: Path, total: int, direction: str) 
     finally:
         upstream.close()
     print(
-        f"\n{total // MIB} MiB {direction}stream to a slow reader in {elapsed:.1f}s "
+        f"\n{total // MIB} MiB {direction}stream ({side}) to a slow reader in {elapsed:.1f}s "
         f"({total / MIB / elapsed:.0f} MiB/s): proxy VmRSS {rss.first} KiB at the start, "
         f"peak {rss.peak} KiB"
     )
@@ -213,9 +227,10 @@ def slow_reader_transfer(tmp_path: Path, pki: Path, total: int, direction: str) 
     assert rss.peak < 150 * KIB
 
 
+@pytest.mark.parametrize("side", ["termination", "origination"])
 @pytest.mark.parametrize("direction", ["up", "down"])
-def test_slow_reader_64_mib(tmp_path: Path, pki: Path, direction: str) -> None:
-    slow_reader_transfer(tmp_path, pki, 1024 * (PDU_PAYLOAD + 12), direction)
+def test_slow_reader_64_mib(tmp_path: Path, pki: Path, direction: str, side: str) -> None:
+    slow_reader_transfer(tmp_path, pki, 1024 * (PDU_PAYLOAD + 12), direction, side)
 
 
 @pytest.mark.soak

@@ -4,12 +4,15 @@ others: an association held open on another route during the fault still works, 
 while the fault is under way succeeds, and nothing is left behind (stats back to the baseline).
 
 Refused, black-holed and silent upstreams are also in tests/test_termination.py, one by one; here
-they run with the rest under the "keeps serving others" check.
+they run with the rest under the "keeps serving others" check. The `tls-` faults come from a TLS
+upstream (the proxy originating TLS, where OpenSSL reads and writes the socket itself): a reset,
+a close_notify, or a TCP close without one, each in the middle of an association.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -31,9 +34,11 @@ from tests.support import (
     build_ac,
     build_rq,
     free_port,
+    pacs_ssl_context,
     recv_exact,
     recv_pdu,
     silent_listener,
+    tls_out,
 )
 
 CONNECT_TIMEOUT = ASSOCIATE_TIMEOUT = 1.0
@@ -80,6 +85,13 @@ def half_close_after_ac(conn: socket.socket) -> None:
     read_to_eof(conn)
 
 
+def close_notify_after_ac(conn: socket.socket) -> None:
+    conn.sendall(build_ac(recv_pdu(conn)))
+    assert isinstance(conn, ssl.SSLSocket)
+    raw = conn.unwrap()  # close_notify, then the proxy's own close_notify
+    read_to_eof(raw)
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
@@ -88,6 +100,7 @@ class Fault:
     answer: bytes  # what the client reads after the AC (or instead of it) until the close
     within: float  # seconds from the RQ (or from the AC) to that answer
     after_ac: bool = False
+    tls: bool = False  # the upstream speaks TLS (route with upstream_tls)
 
 
 FAULTS = [
@@ -101,11 +114,19 @@ FAULTS = [
     Fault("answers-4-gib-pdu", answer_of_4_gib, "upstream-no-answer", REJECT, 1.0),
     Fault("reset-mid-transfer", reset_mid_transfer, "upstream-closed", ABORT, 2.0, after_ac=True),
     Fault("half-close-after-ac", half_close_after_ac, "upstream-closed", ABORT, 1.0, after_ac=True),
+    *(
+        Fault(f"tls-{name}", script, "upstream-closed", ABORT, within, after_ac=True, tls=True)
+        for name, script, within in [
+            ("reset-mid-transfer", reset_mid_transfer, 2.0),
+            ("half-close-after-ac", half_close_after_ac, 1.0),
+            ("close-notify-after-ac", close_notify_after_ac, 1.0),
+        ]
+    ),
 ]
 
 
 @contextmanager
-def faulty_upstream(fault: Fault) -> Iterator[tuple[str, ScriptedUpstream | None]]:
+def faulty_upstream(fault: Fault, pki: Path) -> Iterator[tuple[str, ScriptedUpstream | None]]:
     if fault.script == "refused":
         yield f"127.0.0.1:{free_port()}", None
     elif fault.script == "black-hole":
@@ -113,7 +134,7 @@ def faulty_upstream(fault: Fault) -> Iterator[tuple[str, ScriptedUpstream | None
             yield address, None
     else:
         assert callable(fault.script)
-        upstream = ScriptedUpstream(fault.script)
+        upstream = ScriptedUpstream(fault.script, pacs_ssl_context(pki) if fault.tls else None)
         upstream.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         try:
             yield upstream.address, upstream
@@ -146,7 +167,7 @@ def meet_fault(t: Target, fault: Fault) -> tuple[bytes, float]:
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_upstream_fault(tmp_path: Path, pki: Path, legacy: LegacyDevice, fault: Fault) -> None:
     with ExitStack() as stack:
-        address, upstream = stack.enter_context(faulty_upstream(fault))
+        address, upstream = stack.enter_context(faulty_upstream(fault, pki))
         cfg = proxy_config(
             pki,
             legacy.address,
@@ -155,6 +176,9 @@ def test_upstream_fault(tmp_path: Path, pki: Path, legacy: LegacyDevice, fault: 
             idle_timeout=60.0,
         )
         cfg["route"].append({"called_ae": "BAD", "upstream": address})
+        if fault.tls:
+            cfg["tls"]["pacs"] = tls_out(pki)
+            cfg["route"][-1]["upstream_tls"] = "pacs"
         t = stack.enter_context(attack(tmp_path, pki, legacy, cfg))
         held = associate(t.addresses["tls"], "CT", ssl_context=t.ctx)  # another route, open
         assert held.is_established
