@@ -21,7 +21,7 @@ from dicom_tls_proxy.streams import STREAM_ERRORS, abort_quietly
 from dicom_tls_proxy.tls import ByteStream
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024  # the most one read takes (sockio.LeanStream adapts up to it)
 # Longest PDU relayed, as dcm4che: pynetdicom (and others) read whatever length a header announces.
 MAX_PDU_LENGTH = 16 * 1024 * 1024
 
