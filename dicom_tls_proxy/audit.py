@@ -87,11 +87,14 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_QUOTED = frozenset(' "=\\')  # a text value with one of these is written as a JSON string
+
+
 def _text_value(value: Any) -> str:
     if isinstance(value, list):
         value = ",".join(str(v) for v in value)
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+    if not text or not _QUOTED.isdisjoint(text) or not text.isprintable():
         return json.dumps(text, ensure_ascii=False)
     return text
 
