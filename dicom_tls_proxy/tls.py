@@ -24,11 +24,8 @@ This module never logs and never decides routing: it reports a `TlsFailure` with
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
-import sys
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +39,7 @@ from OpenSSL import SSL, crypto
 from dicom_tls_proxy import policy
 from dicom_tls_proxy.auth import PeerIdentity
 from dicom_tls_proxy.config import TlsTable
-from dicom_tls_proxy.sockio import LeanStream
+from dicom_tls_proxy.sockio import LeanStream, waiting
 from dicom_tls_proxy.thumbprint import matches_any
 from dicom_tls_proxy.vocabulary import Reason
 
@@ -686,15 +683,6 @@ def _errno_of(exc: SSL.Error) -> int:
     return code if isinstance(code, int) else -1
 
 
-_FIONREAD = bytearray(4)  # scratch for the ioctl below (trio runs one task at a time)
-
-
-def _waiting(sock: trio.socket.SocketType) -> int:
-    """Bytes the kernel holds for us to read on `sock`."""
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, _FIONREAD)
-    return int.from_bytes(_FIONREAD, sys.byteorder)
-
-
 class SocketTlsStream(TlsStream):
     """TLS where OpenSSL reads and writes the socket itself (`SSL_set_fd`, a socket BIO): the
     proxy's upstream connections. Through memory BIOs every byte written crosses OpenSSL's BIO
@@ -777,12 +765,13 @@ class SocketTlsStream(TlsStream):
             if self._eof:
                 return b""
             # Sized by what the kernel holds, plus a record OpenSSL may hold back from before.
-            out = _Buffer(min(_waiting(self._socket), limit) + RECORD + RECORD_OVERHEAD)
+            out = _Buffer(min(waiting(self._socket), limit) + RECORD + RECORD_OVERHEAD)
             self._want_write = False
             self._decrypt_into(out, limit=limit)
             if out.pos:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # the one yield per chunk
                 return out.view()
+            del out  # not held while the association idles (hundreds may, for hours)
             if not (self._eof or self._error):
                 await self._wait(writing=self._want_write)
 
