@@ -501,6 +501,9 @@ class Proxy:
             except STREAM_ERRORS as exc:
                 await aclose_quietly(sock)
                 raise Refused(Reason.UPSTREAM_TLS_FAILED, f"{route.upstream}: {exc}") from None
+            except BaseException:  # connect_timeout (or a drain) in the middle of the handshake
+                await trio.aclose_forcefully(sock)
+                raise
         assert scope.cancelled_caught
         raise Refused(Reason.UPSTREAM_TIMEOUT, f"{route.upstream}: no connection within {timeout}s")
 

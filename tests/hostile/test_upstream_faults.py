@@ -95,7 +95,9 @@ def close_notify_after_ac(conn: socket.socket) -> None:
 @dataclass(frozen=True)
 class Fault:
     name: str
-    script: Callable[[socket.socket], None] | str  # a ScriptedUpstream, or "refused"/"black-hole"
+    # A ScriptedUpstream, or "refused", "black-hole" (no connect) or "silent" (connects, never
+    # accepts nor answers)
+    script: Callable[[socket.socket], None] | str
     reason: str
     answer: bytes  # what the client reads after the AC (or instead of it) until the close
     within: float  # seconds from the RQ (or from the AC) to that answer
@@ -114,6 +116,7 @@ FAULTS = [
     Fault("answers-4-gib-pdu", answer_of_4_gib, "upstream-no-answer", REJECT, 1.0),
     Fault("reset-mid-transfer", reset_mid_transfer, "upstream-closed", ABORT, 2.0, after_ac=True),
     Fault("half-close-after-ac", half_close_after_ac, "upstream-closed", ABORT, 1.0, after_ac=True),
+    Fault("tls-silent", "silent", "upstream-timeout", REJECT, CONNECT_TIMEOUT + 1.5, tls=True),
     *(
         Fault(f"tls-{name}", script, "upstream-closed", ABORT, within, after_ac=True, tls=True)
         for name, script, within in [
@@ -129,8 +132,8 @@ FAULTS = [
 def faulty_upstream(fault: Fault, pki: Path) -> Iterator[tuple[str, ScriptedUpstream | None]]:
     if fault.script == "refused":
         yield f"127.0.0.1:{free_port()}", None
-    elif fault.script == "black-hole":
-        with silent_listener(backlog_full=True) as address:
+    elif fault.script in ("black-hole", "silent"):
+        with silent_listener(backlog_full=fault.script == "black-hole") as address:
             yield address, None
     else:
         assert callable(fault.script)
