@@ -760,6 +760,7 @@ class SocketTlsStream(TlsStream):
         """All plaintext available now, up to about `max_bytes`; b"" at the end of the stream."""
         limit = max_bytes or RECEIVE_SIZE
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             self._raise_if_broken()
             if self._eof:
@@ -769,11 +770,13 @@ class SocketTlsStream(TlsStream):
             self._want_write = False
             self._decrypt_into(out, limit=limit)
             if out.pos:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # the one yield per chunk
+                if not waited:  # as sockio.LeanStream: one yield per chunk, a wait is one
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return out.view()
             del out  # not held while the association idles (hundreds may, for hours)
             if not (self._eof or self._error):
                 await self._wait(writing=self._want_write)
+                waited = True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
