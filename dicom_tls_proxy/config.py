@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from cryptography import x509
+from OpenSSL import SSL
 
 from dicom_tls_proxy import certload, policy
 from dicom_tls_proxy.auth import IPNetwork, PeerMatcher, PlaintextSender, parse_peer_matcher
@@ -381,6 +382,21 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return check
 
 
+def _openssl_list(setter: str) -> Callable[[str], str]:
+    """A cipher list OpenSSL accepts (asked of a throwaway context, as the proxy's own will be),
+    so that a typo is a config error at `check`, not a traceback when the proxy starts."""
+
+    def check(value: str) -> str:
+        if value:
+            try:
+                getattr(SSL.Context(SSL.TLS_METHOD), setter)(value.encode())
+            except (SSL.Error, UnicodeEncodeError):
+                raise ValueError(f"OpenSSL matches no cipher in {value!r}") from None
+        return value
+
+    return check
+
+
 def _network(text: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
@@ -612,8 +628,8 @@ def _tls_table(r: _Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTa
     thumbprints = r.string_list(d, key, "accepted_thumbprints", parse_thumbprint)
     allow_weak = r.value(d, key, "allow_weak_peer_certificates", bool, False)
     profile = cast(Profile, r.value(d, key, "profile", str, "bcp195", _one_of(*PROFILES)))
-    ciphers = r.value(d, key, "ciphers", str, "")
-    tls13 = r.value(d, key, "tls13_ciphersuites", str, "")
+    ciphers = r.value(d, key, "ciphers", str, "", _openssl_list("set_cipher_list"))
+    tls13 = r.value(d, key, "tls13_ciphersuites", str, "", _openssl_list("set_tls13_ciphersuites"))
     server_name = r.value(d, key, "server_name", str, "")
 
     if private_key is not None and certificate is None:

@@ -109,6 +109,16 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ),
     ("bad verify", _set("tls.inbound.verify", "strict"), "tls.inbound.verify: must be one of"),
     ("bad profile", _set("tls.inbound.profile", "tls12"), "tls.inbound.profile: must be one of"),
+    (
+        "cipher typo",
+        _set("tls.inbound.ciphers", "ECDHE+AESGMC"),
+        "tls.inbound.ciphers: OpenSSL matches no cipher in 'ECDHE+AESGMC'",
+    ),
+    (
+        "tls13 suite typo",
+        _set("tls.inbound.tls13_ciphersuites", "TLS_AES_256_GCM_SHA348"),
+        "tls.inbound.tls13_ciphersuites: OpenSSL matches no cipher in",
+    ),
     ("missing cert file", _set("tls.inbound.certificate", "nope.pem"), "tls.inbound.certificate: "),
     ("missing ca", _set("tls.inbound.ca", None), 'tls.inbound.ca: verify = "chain" needs a ca'),
     (
