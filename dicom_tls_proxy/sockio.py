@@ -38,7 +38,8 @@ def waiting(sock: trio.socket.SocketType) -> int:
     return int.from_bytes(_FIONREAD, sys.byteorder)
 
 
-def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+def stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """A socket's OSError as trio says it (also for the sockets OpenSSL reads and writes itself)."""
     if exc.errno == errno.EBADF:
         return trio.ClosedResourceError("the socket was closed")
     return trio.BrokenResourceError(f"socket error: {exc.strerror or exc}")
@@ -65,7 +66,7 @@ class LeanStream(trio.abc.HalfCloseableStream):
         except BlockingIOError:
             pass
         except OSError as exc:
-            raise _stream_error(exc) from exc
+            raise stream_error(exc) from exc
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()  # the one yield per chunk
             return data
@@ -76,7 +77,7 @@ class LeanStream(trio.abc.HalfCloseableStream):
             except BlockingIOError:
                 continue
             except OSError as exc:
-                raise _stream_error(exc) from exc
+                raise stream_error(exc) from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
@@ -89,7 +90,7 @@ class LeanStream(trio.abc.HalfCloseableStream):
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(sock)
                 except OSError as exc:
-                    raise _stream_error(exc) from exc
+                    raise stream_error(exc) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()

@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 import trio
 from cryptography import x509
@@ -39,7 +39,7 @@ from OpenSSL import SSL, crypto
 from dicom_tls_proxy import policy
 from dicom_tls_proxy.auth import PeerIdentity
 from dicom_tls_proxy.config import TlsTable
-from dicom_tls_proxy.sockio import LeanStream, waiting
+from dicom_tls_proxy.sockio import LeanStream, stream_error, waiting
 from dicom_tls_proxy.thumbprint import matches_any
 from dicom_tls_proxy.vocabulary import Reason
 
@@ -409,7 +409,7 @@ class TlsStream:
         self._eof = False
         self._buffered = True  # the handshake may have left application data in the BIO
         self._error = ""
-        self._error_cause: OSError | None = None  # a reset seen by OpenSSL on its own socket
+        self._error_cause: OSError | None = None  # a reset OpenSSL met on its own socket
         self._want_write = False  # SSL_read has a record to send first (on its own socket)
         conn.set_app_data(verification)
 
@@ -443,14 +443,14 @@ class TlsStream:
         """Client side handshake; `server_name` is checked against the certificate, sent as SNI.
         Over a `LeanStream` (the proxy's upstream connections) OpenSSL reads and writes the socket
         itself: see `SocketTlsStream`."""
-        direct = isinstance(transport, LeanStream) and _FAST
-        conn = SSL.Connection(ctx, transport.socket if direct else None)  # type: ignore[attr-defined]
+        sock = transport.socket if isinstance(transport, LeanStream) and _FAST else None
+        conn = SSL.Connection(ctx, sock)  # type: ignore[arg-type]  # it only needs fileno()
         conn.set_connect_state()
         try:
             ipaddress.ip_address(server_name)
         except ValueError:
             conn.set_tlsext_host_name(server_name.encode("idna"))
-        kind = SocketTlsStream if direct else TlsStream
+        kind = SocketTlsStream if sock is not None else TlsStream
         stream = kind(transport, conn, _Verification(table, "server", server_name=server_name))
         await stream._handshake()
         return stream
@@ -588,9 +588,8 @@ class TlsStream:
                 self._want_write = True
                 break
             except SSL.SysCallError as exc:  # a reset or a TCP close, on a socket BIO
-                if (code := _errno_of(exc)) > 0:
-                    self._error_cause = OSError(code, os.strerror(code))
-                    self._error = f"socket error: {os.strerror(code)}"
+                if (cause := _socket_cause(exc)) is not None:
+                    self._error, self._error_cause = str(stream_error(cause)), cause
                 else:
                     self._eof = True
                 break
@@ -677,10 +676,18 @@ class TlsStream:
             await self.transport.aclose()
 
 
-def _errno_of(exc: SSL.Error) -> int:
-    """The errno of a `SysCallError` OpenSSL met on its own socket; -1 for an EOF or none."""
+def _socket_cause(exc: SSL.Error) -> OSError | None:
+    """The OSError of a `SysCallError` OpenSSL met on its own socket (a reset); None for an EOF."""
     code = exc.args[0] if isinstance(exc, SSL.SysCallError) and exc.args else -1
-    return code if isinstance(code, int) else -1
+    return OSError(code, os.strerror(code)) if isinstance(code, int) and code > 0 else None
+
+
+def _raise_broken(exc: SSL.Error) -> NoReturn:
+    """A socket error OpenSSL met (a reset) as `sockio` raises it, the OSError as its cause; any
+    other TLS error as a broken stream."""
+    if (cause := _socket_cause(exc)) is not None:
+        raise stream_error(cause) from cause
+    raise trio.BrokenResourceError(f"TLS error: {_ssl_error_text(exc)}") from None
 
 
 class SocketTlsStream(TlsStream):
@@ -724,14 +731,6 @@ class SocketTlsStream(TlsStream):
             del self._waiters[writing]
             done.set()
 
-    def _broken(self, exc: SSL.Error) -> trio.BrokenResourceError:
-        """A socket error OpenSSL met (a reset) as trio says it, with the OSError as cause."""
-        if (code := _errno_of(exc)) > 0:
-            err = trio.BrokenResourceError(f"socket error: {os.strerror(code)}")
-            err.__cause__ = OSError(code, os.strerror(code))
-            return err
-        return trio.BrokenResourceError(f"TLS error: {_ssl_error_text(exc)}")
-
     async def _until_done(self, step: Callable[[], object]) -> None:
         """Call `step` (a handshake or shutdown step) until OpenSSL wants nothing more."""
         while True:
@@ -747,8 +746,8 @@ class SocketTlsStream(TlsStream):
         try:
             await self._until_done(self._conn.do_handshake)
         except SSL.SysCallError as exc:
-            if _errno_of(exc) > 0:  # a reset, as a memory BIO's transport would raise it
-                raise self._broken(exc) from None
+            if _socket_cause(exc) is not None:  # a reset, as a memory BIO's transport raises it
+                _raise_broken(exc)
             raise self._failure(None) from None  # the peer closed during the handshake
         except SSL.ZeroReturnError:
             raise self._failure(None) from None
@@ -794,7 +793,7 @@ class SocketTlsStream(TlsStream):
                 except SSL.WantWriteError:
                     await self._wait(writing=True)
                 except SSL.Error as exc:  # incl. "want read": no renegotiation in the middle
-                    raise self._broken(exc) from None
+                    _raise_broken(exc)
 
     async def _flush(self) -> None:
         """OpenSSL has written everything itself."""
