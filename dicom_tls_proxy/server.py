@@ -374,14 +374,17 @@ class Proxy:
             record.finish(Outcome.ABORTED, Reason.CLIENT_CLOSED, f"connection lost: {exc}")
             if upstream is not None:
                 await abort_quietly(upstream)
-        except Exception:
-            record.finish(Outcome.ABORTED, Reason.INVALID_PDU, "internal error")
+        except Exception as exc:  # a bug of the proxy's, never blamed on the peer
+            record.finish(Outcome.ABORTED, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             audit.log.exception(
                 "internal error",
                 extra={
                     "fields": {"event": "internal-error", "ts": audit._now(), "peer": record.peer}
                 },
             )
+            if upstream is not None:
+                await abort_quietly(upstream)
+            await answer_and_close(client, answer_bytes(Reason.INTERNAL_ERROR))
         finally:
             pending.release()
             with trio.CancelScope(shield=True):
