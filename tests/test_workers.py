@@ -183,13 +183,28 @@ STEP = 0.25
 @pytest.mark.dcmtk
 def test_workers_stay_up_idle_and_under_steady_traffic(tmp_path: Path, pki: Path) -> None:
     """A gateway runs for months: its workers must not die on any clock of their own. (They
-    were killed 10.0 s after each start: PR_SET_PDEATHSIG followed the thread that forked them.)"""
+    were killed 10.0 s after each start: PR_SET_PDEATHSIG followed the thread that forked them.)
+    The supervisor's own clocks are run past too: STABLE_AFTER resets the back-off."""
     with storescp(tmp_path, "--fork") as (device, _):
         port = free_port()
         with running_proxy(tmp_path, workers_config(pki, device, port)) as proxy:
             pids = _started(proxy)
+            # Two quick deaths of worker 0 first (restarted after 1 s, then 2 s): the back-off
+            # must start from 1 s again once its successor has run STABLE_AFTER.
+            for n, delay in enumerate((1.0, 2.0), start=1):
+                os.kill(pids[0], signal.SIGKILL)
+                restarted = wait_until(
+                    lambda n=n: proxy.find(event="worker-restarted", worker=0)[n - 1 :],
+                    what=f"restart {n} of worker 0",
+                )[0]
+                assert restarted["delay"] == delay
+                pids[0] = restarted["pid"]
+                wait_until(lambda n=n: len(proxy.find(event="listening")) == 2 + n, what="it")
+            since = time.monotonic()
+            exits = len(proxy.find(event="worker-exited"))
+
             time.sleep(IDLE)  # no condition to wait for: the point is that nothing happens
-            assert not proxy.find(event="worker-exited"), proxy.raw
+            assert len(proxy.find(event="worker-exited")) == exits, proxy.raw
             assert [pid for pid in pids if _alive(pid)] == pids
 
             codes = []
@@ -208,11 +223,19 @@ def test_workers_stay_up_idle_and_under_steady_traffic(tmp_path: Path, pki: Path
                 lambda: len(proxy.find(event="association", outcome="completed")) == len(codes),
                 what="every association logged completed",
             )
-            assert not proxy.find(event="worker-exited") and not proxy.find(
-                event="worker-restarted"
-            )
-            assert not proxy.find(level="error"), proxy.find(level="error")
+            assert len(proxy.find(event="worker-exited")) == exits
+            errors = proxy.find(level="error")
+            assert [e["event"] for e in errors] == ["worker-exited"] * exits, errors
             assert [pid for pid in pids if _alive(pid)] == pids
+
+            time.sleep(max(0.0, since + STABLE_AFTER + 1 - time.monotonic()))
+            os.kill(pids[0], signal.SIGKILL)  # it ran STABLE_AFTER: 1 s again, not 4 s
+            restarted = wait_until(
+                lambda: proxy.find(event="worker-restarted", worker=0)[2:], what="restart 3"
+            )[0]
+            assert restarted["delay"] == 1.0
+            pids[0] = restarted["pid"]
+            wait_until(lambda: len(proxy.find(event="listening")) == 5, what="the new worker 0")
             _killed_supervisor_takes_its_workers(proxy, pids)
 
 
