@@ -48,7 +48,7 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
     middleboxes = [s for s in plain if s != "direct"]
     assert {"proxy-term", "proxy-orig"} <= set(middleboxes)
     assert ops | w2 <= set(data["setups"])
-    extra = {"W1": ops, "W2": set(), "W3": ops | w2, "W4": set()}
+    extra = {"W1": ops, "W2": w2, "W3": ops | w2, "W4": set()}
     for workload, per_setup in data["medians"].items():
         expected = set(plain if workload != "W4" else middleboxes) | extra[workload]
         assert set(per_setup) == expected
@@ -60,6 +60,11 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
         if run["setup"] in w2:  # the parent and its two workers
             assert len(run["peak_rss_each_kib"]) == 3
     assert {"termination-ops", "origination-ops"} <= set(data["ratios"]["W3"])  # no stunnel needed
+    # workers = 2 against workers = 1, per association (issue 12's acceptance), judged
+    assert {"termination-w2/w1", "origination-w2/w1"} <= set(data["ratios"]["W2"])
+    workers = [t for t in data["targets"] if t["target"].startswith("W2 CPU ms/assoc, workers")]
+    assert [t["direction"] for t in workers] == ["origination-w2/w1", "termination-w2/w1"]
+    assert all(t["value"] > 0 for t in workers)
     assert [t["direction"] for t in data["targets"] if t["target"].startswith("operations on")] == [
         "termination",
         "origination",
