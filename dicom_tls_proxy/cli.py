@@ -88,7 +88,7 @@ def run(config_path: Path) -> None:
         from dicom_tls_proxy.supervisor import run_supervisor
 
         sys.exit(run_supervisor(config))
-    from dicom_tls_proxy.server import serve_forever
+    from dicom_tls_proxy.app import serve_forever
 
     sys.exit(serve_forever(config))
 
@@ -123,7 +123,7 @@ def reload(config_path: Path) -> None:
 def worker(config_path: Path, index: int, listen: str, lifeline: int | None) -> None:
     """One worker process of `run` with `workers = N` (started by the supervisor)."""
     config = _load(config_path)
-    from dicom_tls_proxy.server import serve_forever
+    from dicom_tls_proxy.app import serve_forever
 
     sys.exit(serve_forever(config, listen=listen, worker=index, lifeline=lifeline))
 

@@ -3,7 +3,10 @@
 A temporary development PKI, a built-in plaintext legacy device (pynetdicom C-ECHO and C-STORE
 SCP), the real proxy (one TLS listener, one route) and TLS clients: the `echo` probe, a pynetdicom
 C-STORE, and a client refused for an unknown Called AE. Each step says what to notice, and the
-config is printed so the user can start from it. It uses the same code paths as `run` and `echo`.
+config is printed so the user can start from it. The proxy is composed in this process from the same
+parts `run` composes (`Proxy`, `listener.serve`, the connection driver, the `echo` probe), with an
+`Audit` of its own whose lines each step shows; what `run` adds around them (signals, the pid
+file, the audit file and metrics, workers) is not part of the demo.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import trio
 
 from dicom_tls_proxy import audit, echo
 from dicom_tls_proxy.config import Endpoint, load_config
+from dicom_tls_proxy.listener import serve
 from dicom_tls_proxy.pki import init_pki
-from dicom_tls_proxy.server import Proxy
+from dicom_tls_proxy.process import bind_listeners
+from dicom_tls_proxy.proxy import Proxy
 
 CALLED_AE = "CT_SCANNER"
 DEVICE_AE = "CT01"
@@ -139,9 +144,8 @@ def _store(address: tuple[str, int], certs: Path, ds: Any) -> int | None:
 
 async def run_demo(say: Callable[[str], None]) -> bool:
     capture = _Capture()
-    audit.log.handlers[:] = [capture]
-    audit.log.setLevel(logging.INFO)
-    audit.log.propagate = False
+    log = logging.Logger("dicom_tls_proxy.demo", logging.INFO)  # the demo's own, not registered
+    log.addHandler(capture)
     ok = True
 
     def check(condition: bool, what: str) -> None:
@@ -163,7 +167,8 @@ async def run_demo(say: Callable[[str], None]) -> bool:
             say("3. The proxy, with this config (every key: config.example.toml):")
             say("   | " + "\n   | ".join(text.rstrip().splitlines()))
             async with trio.open_nursery() as nursery:
-                addresses = await nursery.start(Proxy(config).serve)
+                proxy = Proxy(config, audit.Audit(logger=log))
+                addresses = await nursery.start(serve, proxy, await bind_listeners(config))
                 host, _, port = addresses[0].rpartition(":")
                 target = Endpoint(host, int(port))
                 say(f"   listening on {addresses[0]} (TLS, mutual authentication)")

@@ -49,7 +49,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import AssociationRecord, RateLimiter, event
 from dicom_tls_proxy.config import Config, Endpoint
 from dicom_tls_proxy.streams import STREAM_ERRORS, aclose_quietly, answer_and_close
@@ -57,7 +56,7 @@ from dicom_tls_proxy.vocabulary import Outcome
 
 if TYPE_CHECKING:
     from dicom_tls_proxy.auditfile import AuditFile
-    from dicom_tls_proxy.server import Proxy
+    from dicom_tls_proxy.proxy import Proxy
     from dicom_tls_proxy.syslogsink import SyslogSink
 
 PREFIX = "dicom_tls_proxy"
@@ -260,7 +259,7 @@ class Metrics(_Pages):
                 for name, doc, what, attribute in AUDIT_COUNTERS
             ]
             self._audit_seen = [0] * len(AUDIT_COUNTERS)
-            self._status_path = folder / f"worker-{audit.worker_index or 0}.json"
+            self._status_path = folder / f"worker-{proxy.worker or 0}.json"
             self._status_written = ""
             self._changed = trio.Event()
 

@@ -777,3 +777,14 @@ def describe(pdu: Pdu) -> str:
         case DataTransfer(raw):
             return f"P-DATA-TF {len(raw) - HEADER_LENGTH} bytes"
     assert_never(pdu)
+
+
+def echo_called_ae(ac: bytes, rq: bytes) -> bytes:
+    """The A-ASSOCIATE-AC with the Called AE title (bytes 10-25) of the client's own RQ, byte for
+    byte. PS3.8 has the AC repeat RQ bytes 10-73; some requestors check them, so when a route's
+    `upstream_called_ae` rewrote the title on the way up, the client must not see the rewrite."""
+    if len(ac) < _FIRST_ITEM or ac[0] != A_ASSOCIATE_AC:
+        raise PduError("only a whole A-ASSOCIATE-AC repeats the Called AE title")
+    if len(rq) < _FIRST_ITEM or rq[0] != A_ASSOCIATE_RQ:
+        raise PduError("only a whole A-ASSOCIATE-RQ has a Called AE title to echo")
+    return ac[: _CALLED_AE.start] + rq[_CALLED_AE] + ac[_CALLED_AE.stop :]

@@ -34,12 +34,15 @@ from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
 from dicom_tls_proxy.config import Config, ConfigError, load_config
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, WorkersMetrics
-from dicom_tls_proxy.process import lifeline, pid_file, sd_notify
-from dicom_tls_proxy.server import (
+from dicom_tls_proxy.netaddr import format_address
+from dicom_tls_proxy.process import (
     StartError,
     bind_listeners,
     bind_metrics,
-    format_address,
+    lifeline,
+    listeners_spec,
+    pid_file,
+    sd_notify,
 )
 from dicom_tls_proxy.watch import watch_folders
 
@@ -85,8 +88,7 @@ async def supervise(config: Config) -> int:
                 sl.socket.close()
             event("start-failed", logging.ERROR, msg=str(exc))
             return 1
-    spec = ",".join(f"{li.name}={sl.socket.fileno()}" for li, sl in bound)
-    fds = [sl.socket.fileno() for _, sl in bound]
+    spec, fds = listeners_spec(bound)
     workers: list[trio.Process] = []  # the current process of each worker slot
     # Only this process talks to systemd (NotifyAccess=main): workers get no NOTIFY_SOCKET.
     # The metrics folder is ours alone: never one inherited from the environment.
