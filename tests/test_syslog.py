@@ -8,12 +8,14 @@ builders and the alert rate limiter are tested on their own.
 from __future__ import annotations
 
 import base64
+import itertools
 import re
 import shutil
 import signal
 import socket
 import ssl
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -432,6 +434,87 @@ def test_collector_down_at_start_then_up_gets_what_was_queued(tmp_path: Path, pk
         with receiver(pki, port) as again:
             (alert,) = again.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
             assert details(alert)["Reason"] == "plaintext-on-tls"
+
+
+class Refuser:
+    """A collector that is down, at a port of our choosing: it takes each TCP connection and
+    closes it at once, so the proxy's TLS handshake fails; keeps when each attempt came."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(8)
+        self.attempts: list[float] = []  # time.monotonic() of each connection
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.attempts.append(time.monotonic())
+            conn.close()
+
+    def wait(self, count: int) -> list[float]:
+        wait_until(lambda: len(self.attempts) >= count, what=f"{count} connection attempts")
+        return self.attempts[:count]
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+
+def backed_off(gap: float, expected: float) -> bool:
+    """A wait of about `expected` seconds between two attempts: never shorter (less a little
+    for where the attempt was seen), and on a loaded machine possibly somewhat longer."""
+    return expected * 0.95 <= gap < expected * 1.5 + 0.5
+
+
+def test_the_back_off_doubles_while_the_collector_is_down_and_starts_again_after_a_success(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Past the syslog writer's back-off, a step at a time: attempts 0.5, 1, 2 and 4 s apart
+    while the collector is down at start; it comes back and gets what waited; it goes down
+    again: the first attempts are 0.5 and 1 s apart again, not 8; back again, the alert queued
+    meanwhile arrives. (The 30-s ceiling is past what a test may take here.)"""
+    port = free_port()
+    down = Refuser(port)
+    try:
+        with running_proxy(tmp_path, config(pki, f"127.0.0.1:{port}")) as proxy:
+            address = proxy.address("tls")
+            attempts = down.wait(4)  # waits of 0.5, 1 and 2 s so far
+            down.close()
+            with receiver(pki, port) as collector:
+                collector.wait_for(APPLICATION_ACTIVITY, START)  # queued since the start
+                recovered = time.monotonic()  # the fifth attempt, 4 s after the fourth
+                proxy.wait_for(event="syslog-recovered")
+                gaps = [b - a for a, b in itertools.pairwise([*attempts, recovered])]
+                assert all(map(backed_off, gaps[:3], (0.5, 1.0, 2.0))), gaps
+                assert gaps[3] >= 4.0 * 0.95, gaps
+                # The collector goes away again; an alert is queued for it.
+                collector.close()
+                down = Refuser(port)
+                refused_calling_ae(address, pki)
+                alerted = time.monotonic()
+                again = down.wait(2)
+            down.close()
+            with receiver(pki, port) as collector:
+                (alert,) = collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+                assert details(alert)["Reason"] == "calling-ae-not-allowed"
+            gaps = [b - a for a, b in itertools.pairwise([alerted, *again])]
+            assert gaps[0] < 0.5 * 1.5 + 0.5, gaps  # 0.5 s after the failed write, not 8
+            assert backed_off(gaps[1], 1.0), gaps
+            wait_until(
+                lambda: len(proxy.find(event="syslog-recovered")) == 2, what="recovered twice"
+            )
+            assert len(proxy.find(event="syslog-failed")) == 1  # one line a minute at most
+    finally:
+        down.close()
 
 
 def refused_plaintext(address: tuple[str, int]) -> None:
