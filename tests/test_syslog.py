@@ -228,8 +228,11 @@ def details(root: ET.Element) -> dict[str, str]:
 class Receiver:
     """A TLS syslog collector (RFC 5425) on 127.0.0.1: mutual TLS with the dev PKI, frames kept."""
 
-    def __init__(self, pki: Path, port: int = 0) -> None:
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    def __init__(self, pki: Path, port: int = 0, ca: Path | None = None) -> None:
+        """`ca`: the CA it trusts client certificates from (the dev PKI's by default)."""
+        self.ctx = ssl.create_default_context(
+            ssl.Purpose.CLIENT_AUTH, cafile=str(ca or pki / "ca.pem")
+        )
         self.ctx.load_cert_chain(str(pki / "proxy.pem"), str(pki / "proxy.key"))
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.listener = socket.socket()
@@ -244,6 +247,7 @@ class Receiver:
         self.ended = 0  # connections the proxy closed cleanly (close_notify or EOF, no cut frame)
         self.errors: list[BaseException] = []
         self.connections = 0
+        self.attempts: list[float] = []  # time.monotonic() of each TCP connection taken
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
@@ -254,6 +258,7 @@ class Receiver:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            self.attempts.append(time.monotonic())
             threading.Thread(target=self._read, args=(conn,), daemon=True).start()
 
     def _read(self, conn: socket.socket) -> None:
@@ -314,8 +319,8 @@ class Receiver:
 
 
 @contextmanager
-def receiver(pki: Path, port: int = 0) -> Iterator[Receiver]:
-    r = Receiver(pki, port)
+def receiver(pki: Path, port: int = 0, ca: Path | None = None) -> Iterator[Receiver]:
+    r = Receiver(pki, port, ca)
     try:
         yield r
     finally:
@@ -515,6 +520,43 @@ def test_the_back_off_doubles_while_the_collector_is_down_and_starts_again_after
             assert len(proxy.find(event="syslog-failed")) == 1  # one line a minute at most
     finally:
         down.close()
+
+
+def test_a_collector_refusing_the_proxys_certificate_after_the_handshake_is_backed_off(
+    tmp_path: Path, pki: Path
+) -> None:
+    """TLS 1.3: the proxy's handshake is over before the collector has checked its client
+    certificate; the refusal, an alert, comes after it. Nothing written then counts as sent,
+    nothing is reported as reachable, the back-off grows as for a collector that is down, and
+    once the collector trusts the proxy, everything that waited arrives."""
+    other_ca = pacs_identities(tmp_path, pki)["other-ca"][1]
+    port = free_port()
+    strict = Receiver(pki, port, ca=other_ca)  # trusts another CA than the proxy's
+    try:
+        with running_proxy(tmp_path, config(pki, f"127.0.0.1:{port}", metrics=True)) as proxy:
+            web = metrics_address(proxy)
+            refused_calling_ae(proxy.address("tls"), pki)
+            wait_until(lambda: len(strict.attempts) >= 2, what="2 connection attempts")
+            assert value(scrape(web), "dicom_tls_proxy_audit_syslog_sent_total") == 0
+            assert not proxy.find(event="syslog-connected")
+            assert not proxy.find(event="syslog-recovered")
+            failed = proxy.wait_for(event="syslog-failed")
+            assert "alert" in failed["msg"], failed
+            wait_until(lambda: len(strict.attempts) >= 4, what="4 connection attempts")
+            gaps = [b - a for a, b in itertools.pairwise(strict.attempts[:4])]
+            assert all(map(backed_off, gaps, (0.5, 1.0, 2.0))), gaps
+            strict.close()
+            assert strict.connections == 0 and not strict.messages
+            with receiver(pki, port) as collector:  # it trusts the proxy now
+                collector.wait_for(APPLICATION_ACTIVITY, START)
+                (alert,) = collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+                assert details(alert)["Reason"] == "calling-ae-not-allowed"
+                proxy.wait_for(event="syslog-recovered")
+                assert value(scrape(web), "dicom_tls_proxy_audit_syslog_sent_total") == 2
+            assert value(scrape(web), "dicom_tls_proxy_audit_syslog_dropped_total") == 0
+    finally:
+        strict.close()
+    assert not strict.errors, strict.errors
 
 
 def refused_plaintext(address: tuple[str, int]) -> None:
