@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from dicom_tls_proxy import pdu
@@ -893,6 +894,66 @@ def test_full_queue_drops_and_counts(tmp_path: Path, pki: Path) -> None:
     assert sink.dropped == 3 and sink.queued() == 0
     sink.put(b"late")
     assert sink.dropped == 4
+
+
+async def test_the_back_off_stays_at_its_ceiling_and_starts_again_after_a_success(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The ceiling, 30 s, is past what a test of the process may wait for: the same writer, in
+    this process, with real sockets and a back-off of 0.25 s doubling to 1 s. Attempts 0.25, 0.5,
+    1, 1 and 1 s apart; the collector comes back and gets the message; it goes again: the next
+    attempts are 0.25 and 0.5 s apart again."""
+    port = free_port()
+    loaded = load_config(write(tmp_path, config(pki, f"127.0.0.1:{port}")))
+    assert loaded.audit.syslog is not None
+    sink = SyslogSink(
+        loaded.audit.syslog, loaded.tls["collector"], identity=ME, backoff=(0.25, 1.0)
+    )
+
+    async def attempts(refuser: Refuser, count: int) -> list[float]:
+        with trio.fail_after(TIMEOUT):
+            while len(refuser.attempts) < count:
+                await trio.sleep(0.01)
+        return refuser.attempts[:count]
+
+    async def received(collector: Receiver, count: int) -> None:
+        with trio.fail_after(TIMEOUT):
+            while len(collector.messages) < count:
+                await trio.sleep(0.01)
+
+    down = Refuser(port)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            sink.put(b"first")
+            first = await attempts(down, 6)
+            down.close()
+            with receiver(pki, port) as collector:
+                await received(collector, 1)
+                collector.close()  # gone again, right after a success
+                down = Refuser(port)
+                # Seen gone before the next message, as in a process, where something happens in
+                # between: one written into a connection just closed would be lost unnoticed
+                # (syslog over TLS has no acknowledgement), with no attempt to reconnect.
+                with trio.fail_after(TIMEOUT):
+                    while (gone := sink._connection) is not None and not gone.ended.is_set():
+                        await trio.sleep(0.01)
+                sink.put(b"second")
+                failed = time.monotonic()
+                second = await attempts(down, 2)
+                down.close()
+            with receiver(pki, port) as collector:
+                await received(collector, 1)
+                assert collector.messages == [b"second"]
+                await sink.finish()
+            nursery.cancel_scope.cancel()
+    finally:
+        down.close()
+    gaps = [b - a for a, b in itertools.pairwise(first)]
+    assert all(map(backed_off, gaps, (0.25, 0.5, 1.0, 1.0, 1.0))), gaps
+    gaps = [b - a for a, b in itertools.pairwise([failed, *second])]
+    assert gaps[0] < 1.0 * 0.95 and backed_off(gaps[1], 0.5), gaps  # not 1 s: started again
+    assert sink.sent == 2 and sink.dropped == 0
 
 
 # -- config ------------------------------------------------------------------------------------
