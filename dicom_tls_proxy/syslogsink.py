@@ -83,6 +83,12 @@ CONNECT_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0
 BACKOFF = (0.5, 30.0)  # first and longest wait between two connection attempts
 CLOSE_TIMEOUT = 5.0  # at stop: how long the last messages may take to go out
+# After each handshake: how long the collector has to refuse the connection before anything is
+# written. With TLS 1.3 the client's handshake is over before the server has checked the client
+# certificate: a collector that refuses it answers with an alert after the handshake. Written
+# at once, the first messages would be lost unnoticed (counted as sent), the collector reported
+# reachable, and the back-off started again from its first step at every attempt.
+ACCEPT_WAIT = 0.5
 REPORT_INTERVAL = 60.0  # seconds between two syslog-failed (or syslog-dropped) log lines
 TICK = 1.0  # how often the writer releases rate-limited alerts
 MAX_DESCRIPTION = 1024
@@ -360,6 +366,7 @@ class _Connection:
         self.stream = stream
         self.watcher = trio.CancelScope()
         self.ended = trio.Event()  # the collector closed it (or it broke)
+        self.error: BaseException | None = None  # why, when it broke (an alert, a reset)
 
 
 class SyslogSink:
@@ -530,6 +537,10 @@ class SyslogSink:
                     raise
             self._connection = connection = _Connection(stream)
             nursery.start_soon(self._watch, connection)
+            with trio.move_on_after(ACCEPT_WAIT):  # a refusal after the handshake
+                await connection.ended.wait()
+            if connection.ended.is_set():
+                raise connection.error or _Lost("the collector closed the connection at once")
             self._report_connected()
         connection = self._connection
         while self._queue and not self._renew:
@@ -546,8 +557,8 @@ class SyslogSink:
             try:
                 while await connection.stream.receive_some():
                     pass
-            except _DELIVERY_ERRORS:
-                pass  # the writer finds out at its next message, and reports it
+            except _DELIVERY_ERRORS as exc:
+                connection.error = exc  # the writer finds out at its next message, and reports it
             connection.ended.set()
             self._wake.set()
 

@@ -253,7 +253,9 @@ def proxy_config(
 class LegacyDevice:
     """A plaintext pynetdicom SCP (Verification, storage, C-FIND) that remembers what it saw."""
 
-    def __init__(self, ae_title: str = "LEGACY") -> None:
+    def __init__(self, ae_title: str = "LEGACY", port: int = 0) -> None:
+        """On `port` (0: any free one); pynetdicom's server reuses the address, so a device
+        can come back on the port of one that was closed."""
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import (
             PatientRootQueryRetrieveInformationModelFind,
@@ -295,7 +297,7 @@ class LegacyDevice:
             yield 0xFF00, ds
 
         self.server = ae.start_server(
-            ("127.0.0.1", 0),
+            ("127.0.0.1", port),
             block=False,
             evt_handlers=[
                 (evt.EVT_REQUESTED, on_request),
@@ -305,9 +307,13 @@ class LegacyDevice:
         )
         self.port = int(self.server.server_address[1])
         self.address = f"127.0.0.1:{self.port}"
+        self.closed = False
 
     def close(self) -> None:
-        self.server.shutdown()
+        """Stop listening and serving; again is a no-op."""
+        if not self.closed:
+            self.closed = True
+            self.server.shutdown()
 
 
 def make_dataset(rows: int = 64, columns: int = 64, seed: int = 1) -> Any:
