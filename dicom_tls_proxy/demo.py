@@ -18,7 +18,8 @@ from typing import Any
 import trio
 
 from dicom_tls_proxy import audit, echo
-from dicom_tls_proxy.config import Endpoint, load_config
+from dicom_tls_proxy.config import load_config
+from dicom_tls_proxy.config_schema import Endpoint
 from dicom_tls_proxy.pki import init_pki
 from dicom_tls_proxy.server import Proxy
 

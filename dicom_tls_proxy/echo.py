@@ -25,7 +25,7 @@ import trio
 from cryptography import x509
 
 from dicom_tls_proxy import certload, pdu, policy
-from dicom_tls_proxy.config import Endpoint, Profile, TlsTable, VerifyMode
+from dicom_tls_proxy.config_schema import Endpoint, Profile, TlsTable, VerifyMode
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
     PeerClosed,

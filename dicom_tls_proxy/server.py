@@ -27,7 +27,8 @@ from dicom_tls_proxy import audit, pdu, policy, routing, tls
 from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auditfile import AuditFile
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
-from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, TlsTable, load_config
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.config_schema import Config, Listener, Route, TlsTable
 from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
 from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from dicom_tls_proxy.cli import main
-from dicom_tls_proxy.config import load_config, parse_endpoint
+from dicom_tls_proxy.config import load_config
+from dicom_tls_proxy.config_schema import parse_endpoint
 from tests.support import certificate_of, toml_dumps
 
 REPO = Path(__file__).resolve().parent.parent
@@ -545,6 +546,19 @@ def test_endpoints(text: str, host: str, port: int) -> None:
     endpoint = parse_endpoint(text)
     assert (endpoint.host, endpoint.port) == (host, port)
     assert str(endpoint) == text
+
+
+def test_schema_imports_no_openssl_or_cryptography() -> None:
+    """Code that only reads a config imports `config_schema`: that must not load OpenSSL,
+    pyOpenSSL or cryptography (their types are annotations there, never imported)."""
+    code = (
+        "import sys, dicom_tls_proxy.config_schema\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('OpenSSL', 'cryptography')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_example_config_passes_after_certs_init(tmp_path: Path) -> None:
