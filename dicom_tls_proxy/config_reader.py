@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 from dicom_tls_proxy import certload
 
 T = TypeVar("T")
+S = TypeVar("S", bound=str)
 
 
 class Reader:
@@ -192,10 +193,14 @@ def between(low: int, high: int) -> Callable[[int], int]:
     return check
 
 
-def one_of(*choices: str) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
-        return value
+def one_of(*choices: S) -> Callable[[str], S]:
+    """A check that the value is one of `choices`, typed as they are: a Literal's values give
+    that Literal."""
+
+    def check(value: str) -> S:
+        for choice in choices:
+            if value == choice:
+                return choice
+        raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
 
     return check

@@ -2,7 +2,9 @@
 
 Why this exists apart from the loader (`config`): most of the package only reads a config (routing,
 the TLS layer, health checks, metrics, the syslog sink, the probe), and should not pull in the TOML
-reader, the file checks or OpenSSL to do so.
+reader, the file checks or OpenSSL to do so. `ProxySettings`' and `TlsTable`'s defaults are what
+a TOML file gets for a key it leaves out (the loader reads them from here), so a table built in
+code, the `echo` probe's `TlsTable.for_probe`, is built as a loaded one would be.
 
 What it must never do: import OpenSSL, pyOpenSSL or cryptography at run time (their types appear
 in annotations only, under TYPE_CHECKING; a test checks), or touch a file. Checking a config (which
@@ -97,24 +99,61 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class TlsTable:
-    """One `[tls.NAME]` table, with the files it names already loaded and checked."""
+    """One `[tls.NAME]` table, with the files it names already loaded and checked. The defaults
+    are those of a key the table leaves out (the loader reads them from here)."""
 
     name: str
-    certificate: Path | None
-    private_key: Path | None
-    ca: Path | None
-    crl: tuple[Path, ...]
-    verify: VerifyMode
-    peer_certificate: PeerCertificateMode
-    accepted_thumbprints: tuple[Thumbprint, ...]
-    allow_weak_peer_certificates: bool
-    profile: Profile
-    ciphers: str
-    tls13_ciphersuites: str
-    server_name: str
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca: Path | None = None
+    crl: tuple[Path, ...] = ()
+    verify: VerifyMode = "chain"
+    peer_certificate: PeerCertificateMode = "required"
+    accepted_thumbprints: tuple[Thumbprint, ...] = ()
+    allow_weak_peer_certificates: bool = False
+    profile: Profile = "bcp195"
+    ciphers: str = ""  # "": the profile's own list
+    tls13_ciphersuites: str = ""
+    server_name: str = ""
     identity: certload.Identity | None = field(repr=False, default=None)
     ca_certificates: tuple[x509.Certificate, ...] = field(repr=False, default=())
     crls: tuple[x509.CertificateRevocationList, ...] = field(repr=False, default=())
+
+    @classmethod
+    def for_probe(
+        cls,
+        *,
+        certificate: Path | None = None,
+        private_key: Path | None = None,
+        ca: Path | None = None,
+        accepted_thumbprints: tuple[Thumbprint, ...] = (),
+        profile: Profile = "bcp195",
+        server_name: str = "",
+        identity: certload.Identity | None = None,
+        ca_certificates: tuple[x509.Certificate, ...] = (),
+    ) -> TlsTable:
+        """The client table, named "probe", that `echo` verifies a server with, built from files
+        its caller already loaded. What was given decides `verify`: a CA, the chain (and the
+        thumbprints too when some are given); thumbprints alone, only those; neither, "none"
+        (the caller decides whether that may be). Every other key has the default a `[tls.NAME]`
+        table gets, so the probe checks a server as a route's `upstream_tls` would."""
+        verify: VerifyMode = "none"
+        if ca is not None:
+            verify = "chain+thumbprint" if accepted_thumbprints else "chain"
+        elif accepted_thumbprints:
+            verify = "thumbprint"
+        return cls(
+            name="probe",
+            certificate=certificate,
+            private_key=private_key,
+            ca=ca,
+            verify=verify,
+            accepted_thumbprints=accepted_thumbprints,
+            profile=profile,
+            server_name=server_name,
+            identity=identity,
+            ca_certificates=ca_certificates,
+        )
 
     @property
     def key_path(self) -> str:

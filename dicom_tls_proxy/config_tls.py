@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -29,10 +29,7 @@ from dicom_tls_proxy.config_schema import (
     PEER_CERTIFICATE_MODES,
     PROFILES,
     VERIFY_MODES,
-    PeerCertificateMode,
-    Profile,
     TlsTable,
-    VerifyMode,
 )
 from dicom_tls_proxy.thumbprint import parse_thumbprint
 
@@ -95,8 +92,8 @@ def _password(r: Reader, d: dict[str, Any], key: str) -> tuple[bytes | None, str
 
 def tls_table(r: Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTable | None:
     """`[tls.NAME]` read, its files loaded; None when it has problems (all of them in `r`).
-    `now` decides which CRLs are stale."""
-    key = f"tls.{name}"
+    A key left out gets the `TlsTable` default; `now` decides which CRLs are stale."""
+    key, base = f"tls.{name}", TlsTable(name)
     r.unknown(d, key, _TLS_KEYS)
     before = len(r.problems)
     certificate = r.path_value(d, key, "certificate")
@@ -104,17 +101,19 @@ def tls_table(r: Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTabl
     password, password_key = _password(r, d, key)
     ca = r.path_value(d, key, "ca", folder=True)
     crl_paths = r.string_list(d, key, "crl", lambda s: s)
-    verify = cast(VerifyMode, r.value(d, key, "verify", str, "chain", one_of(*VERIFY_MODES)))
-    peer_certificate = cast(
-        PeerCertificateMode,
-        r.value(d, key, "peer_certificate", str, "required", one_of(*PEER_CERTIFICATE_MODES)),
+    verify = r.value(d, key, "verify", str, base.verify, one_of(*VERIFY_MODES))
+    peer_certificate = r.value(
+        d, key, "peer_certificate", str, base.peer_certificate, one_of(*PEER_CERTIFICATE_MODES)
     )
     thumbprints = r.string_list(d, key, "accepted_thumbprints", parse_thumbprint)
-    allow_weak = r.value(d, key, "allow_weak_peer_certificates", bool, False)
-    profile = cast(Profile, r.value(d, key, "profile", str, "bcp195", one_of(*PROFILES)))
-    ciphers = r.value(d, key, "ciphers", str, "", _openssl_list("set_cipher_list"))
-    tls13 = r.value(d, key, "tls13_ciphersuites", str, "", _openssl_list("set_tls13_ciphersuites"))
-    server_name = r.value(d, key, "server_name", str, "")
+    allow_weak = r.value(
+        d, key, "allow_weak_peer_certificates", bool, base.allow_weak_peer_certificates
+    )
+    profile = r.value(d, key, "profile", str, base.profile, one_of(*PROFILES))
+    ciphers = r.value(d, key, "ciphers", str, base.ciphers, _openssl_list("set_cipher_list"))
+    suites = _openssl_list("set_tls13_ciphersuites")
+    tls13 = r.value(d, key, "tls13_ciphersuites", str, base.tls13_ciphersuites, suites)
+    server_name = r.value(d, key, "server_name", str, base.server_name)
 
     if private_key is not None and certificate is None:
         r.error(f"{key}.certificate", "private_key is given but certificate is missing")
