@@ -3,7 +3,14 @@
 A temporary development PKI, a built-in plaintext legacy device (pynetdicom C-ECHO and C-STORE
 SCP), the real proxy (one TLS listener, one route) and TLS clients: the `echo` probe, a pynetdicom
 C-STORE, and a client refused for an unknown Called AE. Each step says what to notice, and the
-config is printed so the user can start from it. It uses the same code paths as `run` and `echo`.
+config is printed so the user can start from it.
+
+What it shares with `run`: the config goes through `load_config`, and `server.Proxy` serves it
+(listeners, TLS, routing, relay, the association log line). What `run` adds around that is not
+started here: its logging setup (the demo keeps the log lines to show them), signals (drain,
+reload), `watch`, the audit file, syslog and metrics sinks, the pid file, housekeeping, route
+health checks and workers. Its C-ECHO client is the `echo` command's own (`echo.client_table`,
+`echo.echo`); the C-STORE client is pynetdicom over the standard library's `ssl`.
 """
 
 from __future__ import annotations
