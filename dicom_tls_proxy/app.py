@@ -20,7 +20,7 @@ import trio
 from dicom_tls_proxy import audit as audit_log
 from dicom_tls_proxy.audit import Audit, event
 from dicom_tls_proxy.auditfile import AuditFile
-from dicom_tls_proxy.config import Config
+from dicom_tls_proxy.config_schema import Config
 from dicom_tls_proxy.listener import Bound, serve
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
 from dicom_tls_proxy.process import (

@@ -13,7 +13,8 @@ from typing import NoReturn, cast
 import click
 
 from dicom_tls_proxy import __version__
-from dicom_tls_proxy.config import Config, ConfigError, Profile, load_config
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.config_schema import Config, Profile
 from dicom_tls_proxy.echo import EchoResult
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -233,7 +234,7 @@ def echo(
     import trio
 
     from dicom_tls_proxy import echo as probe
-    from dicom_tls_proxy.config import parse_endpoint
+    from dicom_tls_proxy.config_schema import parse_endpoint
     from dicom_tls_proxy.pdu import validate_ae_title
 
     try:

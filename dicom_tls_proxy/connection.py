@@ -34,7 +34,7 @@ from dicom_tls_proxy.association import (
 )
 from dicom_tls_proxy.audit import AssociationRecord
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
-from dicom_tls_proxy.config import Listener, Route
+from dicom_tls_proxy.config_schema import Listener, Route
 from dicom_tls_proxy.netaddr import format_address
 from dicom_tls_proxy.proxy import Generation, Proxy, Slot, warn_insecure
 from dicom_tls_proxy.relay import Relay

@@ -3,10 +3,15 @@
 A temporary development PKI, a built-in plaintext legacy device (pynetdicom C-ECHO and C-STORE
 SCP), the real proxy (one TLS listener, one route) and TLS clients: the `echo` probe, a pynetdicom
 C-STORE, and a client refused for an unknown Called AE. Each step says what to notice, and the
-config is printed so the user can start from it. The proxy is composed in this process from the same
-parts `run` composes (`Proxy`, `listener.serve`, the connection driver, the `echo` probe), with an
-`Audit` of its own whose lines each step shows; what `run` adds around them (signals, the pid
-file, the audit file and metrics, workers) is not part of the demo.
+config is printed so the user can start from it.
+
+What it shares with `run`: the config goes through `load_config`; the proxy is composed in this
+process from the parts `run` composes (`Proxy`, `listener.serve`, the connection driver: TLS,
+routing, relay, the association record), with an `Audit` of its own whose lines each step shows.
+What `run` adds around that is not started here: its logging setup, signals (drain, reload),
+`watch`, the audit file, syslog and metrics sinks, the pid file, housekeeping, route health checks
+and workers. Its C-ECHO client is the `echo` command's own (`echo.client_table`, `echo.echo`); the
+C-STORE client is pynetdicom over the standard library's `ssl`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Any
 import trio
 
 from dicom_tls_proxy import audit, echo
-from dicom_tls_proxy.config import Endpoint, load_config
+from dicom_tls_proxy.config import load_config
+from dicom_tls_proxy.config_schema import Endpoint
 from dicom_tls_proxy.listener import serve
 from dicom_tls_proxy.pki import init_pki
 from dicom_tls_proxy.process import bind_listeners

@@ -25,7 +25,7 @@ import trio
 from cryptography import x509
 
 from dicom_tls_proxy import certload, pdu, policy
-from dicom_tls_proxy.config import Endpoint, Profile, TlsTable, VerifyMode
+from dicom_tls_proxy.config_schema import Endpoint, Profile, TlsTable
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
     PeerClosed,
@@ -153,24 +153,12 @@ def client_table(
         if exc.path is not None and ca is not None and Path(exc.path) == ca:
             option = "--tls-ca"
         raise SetupError(f"{option}: {exc}") from None
-    verify: VerifyMode = "none"
-    if ca:
-        verify = "chain+thumbprint" if pinned else "chain"
-    elif pinned:
-        verify = "thumbprint"
-    return TlsTable(
-        name="probe",
+    return TlsTable.for_probe(
         certificate=cert,
         private_key=key,
         ca=ca,
-        crl=(),
-        verify=verify,
-        peer_certificate="required",
         accepted_thumbprints=pinned,
-        allow_weak_peer_certificates=False,
         profile=profile,
-        ciphers="",
-        tls13_ciphersuites="",
         server_name=server_name or "",
         identity=identity,
         ca_certificates=cas,

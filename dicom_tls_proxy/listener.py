@@ -13,7 +13,7 @@ import logging
 
 import trio
 
-from dicom_tls_proxy.config import Listener
+from dicom_tls_proxy.config_schema import Listener
 from dicom_tls_proxy.connection import handle
 from dicom_tls_proxy.netaddr import format_address
 from dicom_tls_proxy.proxy import Proxy, warn_insecure

@@ -50,7 +50,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from dicom_tls_proxy.audit import AssociationRecord, RateLimiter, event
-from dicom_tls_proxy.config import Config, Endpoint
+from dicom_tls_proxy.config_schema import Config, Endpoint
 from dicom_tls_proxy.streams import STREAM_ERRORS, aclose_quietly, answer_and_close
 from dicom_tls_proxy.vocabulary import Outcome
 

@@ -19,7 +19,8 @@ from OpenSSL import SSL
 
 from dicom_tls_proxy import tls
 from dicom_tls_proxy.audit import Audit
-from dicom_tls_proxy.config import Config, ConfigError, TlsTable, load_config
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.config_schema import Config, TlsTable
 from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.syslogsink import SyslogSink
 

@@ -17,7 +17,7 @@ from dicom_tls_proxy.auth import (
     peer_allowed,
     source_allowed,
 )
-from dicom_tls_proxy.config import Config, Listener, Route
+from dicom_tls_proxy.config_schema import Config, Listener, Route
 from dicom_tls_proxy.pdu import AssociateRequest
 from dicom_tls_proxy.vocabulary import Reason
 

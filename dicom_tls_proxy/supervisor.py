@@ -32,7 +32,8 @@ import trio
 
 from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
-from dicom_tls_proxy.config import Config, ConfigError, load_config
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.config_schema import Config
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, WorkersMetrics
 from dicom_tls_proxy.netaddr import format_address
 from dicom_tls_proxy.process import (

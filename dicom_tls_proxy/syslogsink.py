@@ -67,7 +67,7 @@ from OpenSSL import SSL
 from dicom_tls_proxy import tls
 from dicom_tls_proxy.alerts import NODE_AUTHENTICATION, SECURITY_ALERT, SUCCESS, Code, classify
 from dicom_tls_proxy.audit import AssociationRecord, Throttle, event
-from dicom_tls_proxy.config import Endpoint, TlsTable
+from dicom_tls_proxy.config_schema import Endpoint, TlsTable
 from dicom_tls_proxy.streams import STREAM_ERRORS, os_error_text
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, Reason
 

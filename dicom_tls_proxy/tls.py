@@ -38,7 +38,7 @@ from OpenSSL import SSL, crypto
 
 from dicom_tls_proxy import policy
 from dicom_tls_proxy.auth import PeerIdentity
-from dicom_tls_proxy.config import TlsTable
+from dicom_tls_proxy.config_schema import TlsTable
 from dicom_tls_proxy.sockio import LeanStream, stream_error, waiting
 from dicom_tls_proxy.thumbprint import matches_any
 from dicom_tls_proxy.vocabulary import Reason
