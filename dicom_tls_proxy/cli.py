@@ -165,7 +165,7 @@ def certs() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def certs_init(directory: Path) -> None:
     """Write a development PKI (CA, proxy and client certificates, RSA-2048) into DIRECTORY."""
-    from dicom_tls_proxy.pki import init_pki
+    from dicom_tls_proxy.devpki import init_pki
 
     try:
         written = init_pki(directory)

@@ -19,7 +19,7 @@ import trio
 
 from dicom_tls_proxy import audit, echo
 from dicom_tls_proxy.config import Endpoint, load_config
-from dicom_tls_proxy.pki import init_pki
+from dicom_tls_proxy.devpki import init_pki
 from dicom_tls_proxy.server import Proxy
 
 CALLED_AE = "CT_SCANNER"
