@@ -20,7 +20,6 @@ known weak one. It does not verify certificate signatures or build chains: OpenS
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dicom_tls_proxy.auth import PeerIdentity
+from dicom_tls_proxy.thumbprint import der_thumbprints
 from dicom_tls_proxy.vocabulary import Reason
 
 Purpose = Literal["client", "server"]
@@ -570,14 +570,15 @@ def _peer_identity(der: bytes, chain_verified: bool) -> PeerIdentity:
             uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
         except Exception:
             dns_names, uris = (), ()
+    sha256, sha1 = der_thumbprints(der)
     return PeerIdentity(
         subject=subject,
         common_names=common_names,
         organizational_units=units,
         dns_names=dns_names,
         uris=uris,
-        sha256=hashlib.sha256(der).digest(),
-        sha1=hashlib.sha1(der, usedforsecurity=False).digest(),
+        sha256=sha256.digest,
+        sha1=sha1.digest,
         chain_verified=chain_verified,
     )
 
@@ -590,13 +591,14 @@ def describe(cert: x509.Certificate) -> dict[str, str]:
 @functools.lru_cache(maxsize=_CACHED_CERTIFICATES)
 def _description(der: bytes) -> tuple[tuple[str, str], ...]:
     cert = certificate_from_der(der)
+    sha256, sha1 = der_thumbprints(der)
     return tuple(
         {
             "subject": _subject_text(cert),
             "issuer": _issuer_text(cert),
             "not_before": _time_text(lambda: cert.not_valid_before_utc),
             "not_after": _time_text(lambda: cert.not_valid_after_utc),
-            "sha256": f"sha256:{hashlib.sha256(der).hexdigest()}",
-            "sha1": f"sha1:{hashlib.sha1(der, usedforsecurity=False).hexdigest()}",
+            "sha256": str(sha256),
+            "sha1": str(sha1),
         }.items()
     )
