@@ -271,7 +271,7 @@ def echo(
 
 
 def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae: str) -> str:
-    from dicom_tls_proxy import policy
+    from dicom_tls_proxy import certnames, policy
 
     lines = []
     head = f"C-ECHO {calling_ae} -> {called_ae} at {endpoint}"
@@ -296,7 +296,7 @@ def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae
             f"  subject: {d['subject']}",
             f"  issuer:  {d['issuer']}",
             f"  valid:   {d['not_before']} to {d['not_after']}",
-            f"  names:   {', '.join(policy.certificate_names(result.certificate)) or '-'}",
+            f"  names:   {', '.join(certnames.certificate_names(result.certificate)) or '-'}",
             f"  {d['sha256']}",
             f"  {d['sha1']}",
         ]

@@ -1,4 +1,5 @@
-"""Tests for dicom_tls_proxy.policy, on certificates made on the fly.
+"""Tests for dicom_tls_proxy.policy and its parts (certnames, certfields): certificates made on
+the fly.
 
 Certificates come from dicom_tls_proxy.devpki where it can make them (its SHA-1 certificates are
 real: TBS re-signed with SHA-1, which OpenSSL verifies); odd ones (DSA keys, custom key usages,
@@ -31,17 +32,16 @@ from hypothesis import strategies as st
 from OpenSSL import crypto
 
 from dicom_tls_proxy import devpki
+from dicom_tls_proxy.certnames import certificate_names, server_name_matches
 from dicom_tls_proxy.policy import (
     Problem,
     Purpose,
-    certificate_names,
     check_certificate,
     check_revocation,
     crl_signed_by,
     describe,
     openssl_error_reason,
     peer_identity,
-    server_name_matches,
 )
 from dicom_tls_proxy.thumbprint import certificate_thumbprints
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, TLS_REASONS, Reason
