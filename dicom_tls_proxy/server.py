@@ -30,7 +30,7 @@ from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, sou
 from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, TlsTable, load_config
 from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
-from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
+from dicom_tls_proxy.metricsweb import open_listeners as open_metrics_listeners
 from dicom_tls_proxy.process import pid_file, sd_notify, supervisor_gone, trim_heap
 from dicom_tls_proxy.relay import relay
 from dicom_tls_proxy.sockio import LeanStream, connect
