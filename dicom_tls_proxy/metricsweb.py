@@ -23,9 +23,10 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dicom_tls_proxy.audit import RateLimiter, event
+from dicom_tls_proxy.audit import event
 from dicom_tls_proxy.config import Endpoint
 from dicom_tls_proxy.netaddr import format_address
+from dicom_tls_proxy.ratelimit import RateLimiter
 from dicom_tls_proxy.streams import STREAM_ERRORS, aclose_quietly, answer_and_close
 
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes

@@ -47,7 +47,7 @@ import trio
 from OpenSSL import SSL
 
 from dicom_tls_proxy import tls
-from dicom_tls_proxy.audit import AssociationRecord, Throttle, event
+from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auditmessage import (
     NOTICE,
     WARNING,
@@ -60,6 +60,7 @@ from dicom_tls_proxy.auditmessage import (
     syslog_message,
 )
 from dicom_tls_proxy.config import Endpoint, TlsTable
+from dicom_tls_proxy.ratelimit import Throttle, Windows
 from dicom_tls_proxy.streams import STREAM_ERRORS, os_error_text
 
 CAPACITY = 10_000  # messages waiting for the collector
@@ -72,35 +73,24 @@ REPORT_INTERVAL = 60.0  # seconds between two syslog-failed (or syslog-dropped) 
 TICK = 1.0  # how often the writer releases rate-limited alerts
 
 
-class AlertLimiter:
+class AlertLimiter(Windows[tuple[str, str], Alert]):
     """One alert per key (source, reason) and interval. Repeats within the interval are counted;
     when it ends they become one summary alert and a new interval starts, so a flood costs one
     message per interval. Pure: the clock is passed in."""
 
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval, self.clock = interval, clock
-        self._windows: dict[tuple[str, str], tuple[float, Alert | None, int]] = {}
+        super().__init__(1, interval, clock, reopen=True)
 
     def admit(self, alert: Alert) -> bool:
-        key, now = (alert.source, alert.reason), self.clock()
-        window = self._windows.get(key)
-        if window is None or (now - window[0] >= self.interval and not window[2]):
-            self._windows[key] = (now, None, 0)
-            return True
-        self._windows[key] = (window[0], alert, window[2] + 1)
-        return False
+        return self.allow((alert.source, alert.reason), alert)
 
     def due(self, *, everything: bool = False) -> list[Alert]:
         """The summaries whose interval is over (all of them at stop)."""
-        now, out = self.clock(), []
-        for key, (start, last, count) in list(self._windows.items()):
-            if everything or now - start >= self.interval:
-                if count and last is not None:
-                    out.append(replace(last, repeats=count))
-                    self._windows[key] = (now, None, 0)
-                else:
-                    del self._windows[key]
-        return out
+        return [
+            replace(last, repeats=count)
+            for _, count, last in self.release(everything=everything)
+            if last is not None
+        ]
 
 
 # -- the connection to the collector ------------------------------------------------------
