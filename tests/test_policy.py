@@ -2,8 +2,8 @@
 the fly.
 
 Certificates come from dicom_tls_proxy.devpki where it can make them (its SHA-1 certificates are
-real: TBS re-signed with SHA-1, which OpenSSL verifies); odd ones (DSA keys, custom key usages,
-duplicate extensions, a CRL without nextUpdate) are built here with cryptography and, where
+real: TBS re-signed with SHA-1, which OpenSSL verifies; so is its CRL without nextUpdate); odd ones
+(DSA keys, custom key usages, duplicate extensions) are built here with cryptography and, where
 cryptography refuses, by editing DER. MD5 and RSA-PSS/SHA-1 signatures come from the openssl CLI.
 """
 
@@ -139,49 +139,6 @@ def key_usage(**flags: bool) -> x509.KeyUsage:
 
 def reasons(problems: Sequence[Problem]) -> list[Reason]:
     return [problem.reason for problem in problems]
-
-
-# DER editing, for what cryptography refuses to build.
-
-
-def _der_read(data: bytes, offset: int) -> tuple[int, int]:
-    """(start of value, end of value) of the DER element at offset."""
-    first = data[offset + 1]
-    if first < 0x80:
-        return offset + 2, offset + 2 + first
-    count = first & 0x7F
-    start = offset + 2 + count
-    return start, start + int.from_bytes(data[offset + 2 : start], "big")
-
-
-def _der_children(data: bytes) -> list[bytes]:
-    start, end = _der_read(data, 0)
-    children = []
-    while start < end:
-        child_end = _der_read(data, start)[1]
-        children.append(data[start:child_end])
-        start = child_end
-    return children
-
-
-def _der_sequence(children: Sequence[bytes]) -> bytes:
-    body = b"".join(children)
-    if len(body) < 0x80:
-        return bytes([0x30, len(body)]) + body
-    size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
-    return bytes([0x30, 0x80 | len(size)]) + size + body
-
-
-def crl_without_next_update(crl: x509.CertificateRevocationList) -> x509.CertificateRevocationList:
-    """The CRL with its nextUpdate removed (the signature no longer verifies; nothing here checks
-    it)."""
-    tbs, algorithm, signature = _der_children(crl.public_bytes(serialization.Encoding.DER))
-    fields = _der_children(tbs)
-    # version, signature, issuer, thisUpdate, nextUpdate, ...: times are UTCTime or GeneralizedTime
-    times = [i for i, field in enumerate(fields) if field[0] in (0x17, 0x18)]
-    assert len(times) == 2
-    del fields[times[1]]
-    return x509.load_der_x509_crl(_der_sequence([_der_sequence(fields), algorithm, signature]))
 
 
 def cert_with_duplicate_san(issuer_key: Key) -> x509.Certificate:
@@ -646,7 +603,7 @@ def test_revoked_wins_over_stale(ca: tuple[Key, x509.Certificate], leaf: x509.Ce
 def test_crl_without_next_update_is_stale(
     ca: tuple[Key, x509.Certificate], leaf: x509.Certificate
 ) -> None:
-    crl = crl_without_next_update(devpki.make_crl(*ca, [], next_update=NOW + DAY))
+    crl = devpki.make_crl(*ca, [], next_update=None)
     assert crl.next_update_utc is None
     assert check_revocation(leaf, [crl], NOW) == Problem(
         Reason.TLS_CRL_STALE, "the CRL of CN=Policy Test CA has no nextUpdate, so it may be stale"
