@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dicom_tls_proxy import alerts
+from dicom_tls_proxy.ratelimit import RateLimiter
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, Outcome, Reason
 
 log = logging.getLogger("dicom_tls_proxy")
@@ -143,55 +143,6 @@ def setup_logging(fmt: str = "text", level: str = "info", *, worker: int | None 
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
-
-
-class Throttle:
-    """One log line per `interval` seconds for a condition that repeats (a full queue, a failing
-    disk): the counts travel in the next line."""
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._last = -math.inf
-
-    def due(self) -> bool:
-        now = self._clock()
-        if now - self._last < self.interval:
-            return False
-        self._last = now
-        return True
-
-
-class RateLimiter:
-    """At most `burst` lines per key and `interval`; the rest are counted and reported once per
-    interval, so a scanner refusing itself a thousand times a second costs one line a second."""
-
-    def __init__(
-        self, burst: int = 5, interval: float = 1.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.burst, self.interval, self.clock = burst, interval, clock
-        self._windows: dict[tuple[str, str], tuple[float, int, int]] = {}  # start, seen, dropped
-
-    def allow(self, key: tuple[str, str]) -> bool:
-        now = self.clock()
-        start, seen, dropped = self._windows.get(key, (now, 0, 0))
-        if now - start >= self.interval and not dropped:
-            start, seen = now, 0
-        seen += 1
-        allowed = seen <= self.burst
-        self._windows[key] = (start, seen, dropped + (0 if allowed else 1))
-        return allowed
-
-    def flush(self) -> list[tuple[tuple[str, str], int]]:
-        """(key, count) for every key whose interval is over with lines held back."""
-        now = self.clock()
-        out = []
-        for key, (start, _, dropped) in list(self._windows.items()):
-            if now - start >= self.interval:
-                if dropped:
-                    out.append((key, dropped))
-                del self._windows[key]
-        return out
 
 
 class Sink(Protocol):

@@ -166,7 +166,7 @@ def certs() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def certs_init(directory: Path) -> None:
     """Write a development PKI (CA, proxy and client certificates, RSA-2048) into DIRECTORY."""
-    from dicom_tls_proxy.pki import init_pki
+    from dicom_tls_proxy.devpki import init_pki
 
     try:
         written = init_pki(directory)
@@ -272,7 +272,7 @@ def echo(
 
 
 def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae: str) -> str:
-    from dicom_tls_proxy import policy
+    from dicom_tls_proxy import certnames, policy
 
     lines = []
     head = f"C-ECHO {calling_ae} -> {called_ae} at {endpoint}"
@@ -297,7 +297,7 @@ def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae
             f"  subject: {d['subject']}",
             f"  issuer:  {d['issuer']}",
             f"  valid:   {d['not_before']} to {d['not_after']}",
-            f"  names:   {', '.join(policy.certificate_names(result.certificate)) or '-'}",
+            f"  names:   {', '.join(certnames.certificate_names(result.certificate)) or '-'}",
             f"  {d['sha256']}",
             f"  {d['sha1']}",
         ]

@@ -28,8 +28,8 @@ import trio
 from dicom_tls_proxy import audit, echo
 from dicom_tls_proxy.config import load_config
 from dicom_tls_proxy.config_schema import Endpoint
+from dicom_tls_proxy.devpki import init_pki
 from dicom_tls_proxy.listener import serve
-from dicom_tls_proxy.pki import init_pki
 from dicom_tls_proxy.process import bind_listeners
 from dicom_tls_proxy.proxy import Proxy
 

@@ -24,7 +24,7 @@ from typing import cast
 import trio
 from cryptography import x509
 
-from dicom_tls_proxy import certload, pdu, policy
+from dicom_tls_proxy import certload, certnames, pdu, policy
 from dicom_tls_proxy.config_schema import Endpoint, Profile, TlsTable
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
@@ -272,7 +272,7 @@ def _tls_advice(failure: TlsFailure, table: TlsTable, server_name: str) -> tuple
             "pin the new thumbprint",
         )
     if reason == Reason.TLS_NAME_MISMATCH:
-        names = ", ".join(policy.certificate_names(cert)) if cert is not None else "none"
+        names = ", ".join(certnames.certificate_names(cert)) if cert is not None else "none"
         return (
             f"hostname mismatch: the certificate is not for {server_name} (it is for: {names})",
             "connect by one of those names, or give the expected one with --server-name",

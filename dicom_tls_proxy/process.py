@@ -28,7 +28,7 @@ import trio
 
 from dicom_tls_proxy.audit import event
 from dicom_tls_proxy.config_schema import Config, Listener
-from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
+from dicom_tls_proxy.metricsweb import open_listeners as open_metrics_listeners
 from dicom_tls_proxy.streams import os_error_text
 
 Bound = list[tuple[Listener, trio.SocketListener]]

@@ -12,8 +12,8 @@ one that keeps dying right after it starts makes the parent give up, stop the ot
 non-zero.
 
 With `[metrics]` the parent serves /metrics, /healthz and /readyz for all the workers (see
-`metrics`): they write to a private folder the parent makes and removes, and the parent forgets a
-dead worker's live gauges before it starts the next one. With
+`workersmetrics`): they write to a private folder the parent makes and removes, and the parent
+forgets a dead worker's live gauges before it starts the next one. With
 `watch = true` the parent watches the folders once and reloads the workers as SIGHUP does.
 """
 
@@ -34,7 +34,7 @@ from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
 from dicom_tls_proxy.config import ConfigError, load_config
 from dicom_tls_proxy.config_schema import Config
-from dicom_tls_proxy.metrics import MULTIPROC_ENV, WorkersMetrics
+from dicom_tls_proxy.metrics import MULTIPROC_ENV
 from dicom_tls_proxy.netaddr import format_address
 from dicom_tls_proxy.process import (
     StartError,
@@ -46,6 +46,7 @@ from dicom_tls_proxy.process import (
     sd_notify,
 )
 from dicom_tls_proxy.watch import watch_folders
+from dicom_tls_proxy.workersmetrics import WorkersMetrics
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

@@ -568,7 +568,7 @@ def pacs_identities(folder: Path, pki: Path) -> dict[str, tuple[Path, Path]]:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     ca: Any = (
         load_pem_private_key((pki / "ca.key").read_bytes(), None),

@@ -289,7 +289,7 @@ def test_watch_keys_load_and_every_file_read_is_listed(tmp_path: Path, pki: Path
     path.write_text(toml_dumps(base_config(pki)))
     config = load_config(path)
     assert (config.proxy.watch, config.proxy.watch_interval) == (False, 1.0)
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
     next_update = datetime.now(UTC) + timedelta(days=30)
@@ -333,7 +333,7 @@ def test_broken_config_names_file_and_key(
 
 
 def test_crl_not_signed_by_a_configured_ca(tmp_path: Path, pki: Path) -> None:
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     other_key, other_ca = factory.make_ca("Other CA")
     crl = factory.make_crl(other_key, other_ca, [], next_update=None)

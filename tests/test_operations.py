@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_tls_proxy import pdu
-from dicom_tls_proxy.pki import make_leaf, write_pem_cert, write_pem_key
+from dicom_tls_proxy.devpki import make_leaf, write_pem_cert, write_pem_key
 from tests.support import (
     TIMEOUT,
     LegacyDevice,

@@ -29,18 +29,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from dicom_tls_proxy import pdu
 from dicom_tls_proxy.audit import AssociationRecord
-from dicom_tls_proxy.config import ConfigError, load_config
-from dicom_tls_proxy.syslogsink import (
+from dicom_tls_proxy.auditmessage import (
     Alert,
-    AlertLimiter,
     Identity,
-    SyslogSink,
     alert_of,
     application_activity,
     frame,
     security_alert,
     syslog_message,
 )
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.syslogsink import AlertLimiter, SyslogSink
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 from tests.support import (
     TIMEOUT,

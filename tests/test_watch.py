@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.pki import key_pem, make_leaf
+from dicom_tls_proxy.devpki import key_pem, make_leaf
 from dicom_tls_proxy.watch import SETTLE_LOOKS, Targets, changes, snapshot, targets_of
 from tests.support import (
     TIMEOUT,

@@ -386,7 +386,7 @@ def test_worker_metrics_follow_a_reload(tmp_path: Path, pki: Path) -> None:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     key, cert = tmp_path / "served.key", tmp_path / "served.pem"
     shutil.copy(pki / "proxy.key", key)
