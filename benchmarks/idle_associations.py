@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import procs
 from setups import CALLING_AE, Endpoint, Pki
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import pdu, pdu_items
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -49,7 +49,7 @@ class IdleReadings:
 
 
 def associate_rq(called_ae: str) -> bytes:
-    context = pdu.PresentationContextItem(1, VERIFICATION, (IMPLICIT_LE,))
+    context = pdu_items.PresentationContextItem(1, VERIFICATION, (IMPLICIT_LE,))
     return pdu.encode_associate_rq(
         called_ae,
         CALLING_AE,

@@ -26,6 +26,7 @@ from cryptography import x509
 
 from dicom_tls_proxy import certload, pdu, policy
 from dicom_tls_proxy.config import Endpoint, Profile, TlsTable, VerifyMode
+from dicom_tls_proxy.pdu_items import PresentationContextItem, pdv_items
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
     PeerClosed,
@@ -397,7 +398,7 @@ async def _associate_and_echo(
     where: str,
 ) -> None:
     mark = time.perf_counter()
-    context = pdu.PresentationContextItem(1, VERIFICATION, TRANSFER_SYNTAXES)
+    context = PresentationContextItem(1, VERIFICATION, TRANSFER_SYNTAXES)
     rq = pdu.encode_associate_rq(
         called_ae,
         calling_ae,
@@ -498,7 +499,7 @@ async def _echo_answer(stream: ByteStream, context_id: int, initial: bytes) -> i
         answer = pdu.parse_pdu(raw)
         if not isinstance(answer, pdu.DataTransfer):
             return answer
-        for context, control, data in pdu.pdv_items(raw):
+        for context, control, data in pdv_items(raw, pdu.HEADER_LENGTH):
             if not control & 0x01:
                 raise NotEchoResponse("a data set, not a C-ECHO-RSP (which has none)")
             if context != context_id:

@@ -16,7 +16,8 @@ from typing import Protocol
 import trio
 
 from dicom_tls_proxy.audit import AssociationRecord
-from dicom_tls_proxy.pdu import BoundaryTracker, PduError
+from dicom_tls_proxy.pdu import PduError
+from dicom_tls_proxy.pdu_framing import BoundaryTracker
 from dicom_tls_proxy.streams import STREAM_ERRORS, abort_quietly
 from dicom_tls_proxy.tls import ByteStream
 from dicom_tls_proxy.vocabulary import Outcome, Reason
