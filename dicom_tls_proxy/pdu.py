@@ -428,6 +428,27 @@ def rewrite_called_ae(raw: bytes, called_ae: str) -> bytes:
     return raw[: _CALLED_AE.start] + title + raw[_CALLED_AE.stop :]
 
 
+def echo_called_ae(ac: bytes, rq: bytes) -> bytes:
+    """The upstream's A-ASSOCIATE-AC ``ac`` with the Called AE title field of the client's ``rq``.
+
+    PS3.8 Table 9-17: bytes 10-73 of an A-ASSOCIATE-AC (Called AE, Calling AE, 32 reserved) repeat
+    the A-ASSOCIATE-RQ's: they "shall be sent with a value identical to" the RQ's and are not
+    tested. When a route rewrote the Called AE for the upstream (`rewrite_called_ae`), the upstream
+    repeats the title it was called by, one the client never sent and should never see: to the
+    client the association is with the title it called, and a client that compares the AC's
+    fields with its RQ's must find its own. So the 16 bytes are copied from the client's RQ as it
+    sent them, byte for byte (its padding, spaces or NULs, included), not re-encoded from the
+    title. Every other byte is the upstream's.
+
+    PduError if ``ac`` is no whole A-ASSOCIATE-AC or ``rq`` no whole A-ASSOCIATE-RQ.
+    """
+    if len(ac) < _FIRST_ITEM or ac[0] != A_ASSOCIATE_AC:
+        raise PduError("only a whole A-ASSOCIATE-AC can get the client's Called AE title back")
+    if len(rq) < _FIRST_ITEM or rq[0] != A_ASSOCIATE_RQ:
+        raise PduError("the Called AE title to give back must come from a whole A-ASSOCIATE-RQ")
+    return ac[: _CALLED_AE.start] + rq[_CALLED_AE] + ac[_CALLED_AE.stop :]
+
+
 # --------------------------------------------------------------------------- logs
 
 

@@ -281,6 +281,47 @@ def test_rewrite_called_ae_refuses_other_pdus_and_bad_titles() -> None:
         pdu.rewrite_called_ae(pyn_rq(), "A\\B")
 
 
+def test_echo_called_ae_gives_the_client_its_own_title_back() -> None:
+    """The route calls the upstream ARCHIVE; its AC repeats ARCHIVE; the client called CT (padded
+    with NULs, as older devices do) and gets those 16 bytes back as it sent them."""
+    client_rq = make_associate(called=b"CT".ljust(16, b"\x00"))
+    upstream_rq = pdu.rewrite_called_ae(client_rq, "ARCHIVE")
+    assert upstream_rq[10:26] == b"ARCHIVE".ljust(16)
+    upstream_ac = pdu.rewrite_called_ae(pyn_ac([(1, 0, IMPLICIT)]), "ARCHIVE")
+    answer = pdu.echo_called_ae(upstream_ac, client_rq)
+    assert answer[10:26] == b"CT" + bytes(14)
+    assert answer[:10] == upstream_ac[:10] and answer[26:] == upstream_ac[26:]
+    assert answer == upstream_ac[:10] + client_rq[10:26] + upstream_ac[26:]  # as server.py did
+    ac = pdu.parse_pdu(answer)
+    assert isinstance(ac, AssociateAccept) and ac.called_ae == "CT"
+    assert ac.presentation_contexts == (PresentationContextResult(1, 0, IMPLICIT),)
+    theirs = pyn_pdu.A_ASSOCIATE_AC()
+    theirs.decode(answer)
+    assert theirs.reserved_aet.rstrip("\x00 ") == "CT"  # what the client sent, NULs and all
+
+
+def test_echo_called_ae_of_an_unchanged_title_changes_nothing() -> None:
+    rq = pyn_rq()
+    ac = pdu.rewrite_called_ae(pyn_ac([(1, 0, IMPLICIT)]), "STORESCP")
+    assert pdu.echo_called_ae(ac, rq) == ac
+
+
+@pytest.mark.parametrize(
+    ("ac", "rq", "words"),
+    [
+        (lambda: pyn_rq(), lambda: pyn_rq(), "A-ASSOCIATE-AC"),
+        (lambda: pdu.encode_reject(1, 1, 7), lambda: pyn_rq(), "A-ASSOCIATE-AC"),
+        (lambda: pyn_ac([(1, 0, IMPLICIT)])[:73], lambda: pyn_rq(), "A-ASSOCIATE-AC"),
+        (lambda: pyn_ac([(1, 0, IMPLICIT)]), lambda: pyn_ac([(1, 0, IMPLICIT)]), "-RQ"),
+        (lambda: pyn_ac([(1, 0, IMPLICIT)]), lambda: pyn_rq()[:26], "-RQ"),
+        (lambda: b"", lambda: b"", "A-ASSOCIATE-AC"),
+    ],
+)
+def test_echo_called_ae_refuses_what_is_no_whole_ac_and_rq(ac: Any, rq: Any, words: str) -> None:
+    with pytest.raises(PduError, match=words):
+        pdu.echo_called_ae(ac(), rq())
+
+
 # --------------------------------------------------------------------------- AE titles
 
 
