@@ -14,7 +14,6 @@ A-RELEASE-RP): a PACS is not left holding an association the probe gave up on.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,14 @@ from cryptography import x509
 
 from dicom_tls_proxy import certload, pdu, policy
 from dicom_tls_proxy.config import Endpoint, Profile, TlsTable, VerifyMode
+from dicom_tls_proxy.dimse import (
+    VERIFICATION,
+    NotEchoResponse,
+    c_echo_rq,
+    describe_status,
+    echo_status,
+    encode_p_data,
+)
 from dicom_tls_proxy.pdu_items import PresentationContextItem, pdv_items
 from dicom_tls_proxy.streams import (
     STREAM_ERRORS,
@@ -38,7 +45,6 @@ from dicom_tls_proxy.thumbprint import parse_thumbprint
 from dicom_tls_proxy.tls import ByteStream, TlsFailure, TlsInfo, TlsStream, client_context
 from dicom_tls_proxy.vocabulary import Reason
 
-VERIFICATION = "1.2.840.10008.1.1"
 TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR LE
 IMPLEMENTATION_CLASS_UID = "2.25.80567781562008035110521856474551951270"
 IMPLEMENTATION_VERSION = "DICOMTLSPROXY"
@@ -51,28 +57,6 @@ SOURCES = {
 ABORT_SOURCES = {  # PS3.8 Table 9-26, seen from the probe: the server is the other side
     0: "the server application (service user)",
     2: "the server's DICOM protocol layer (service provider)",
-}
-# PS3.7 Table E.1-1: the command field of a request; its response has bit 15 set.
-DIMSE_COMMANDS = {
-    0x0001: "C-STORE",
-    0x0010: "C-GET",
-    0x0020: "C-FIND",
-    0x0021: "C-MOVE",
-    0x0030: "C-ECHO",
-    0x0100: "N-EVENT-REPORT",
-    0x0110: "N-GET",
-    0x0120: "N-SET",
-    0x0130: "N-ACTION",
-    0x0140: "N-CREATE",
-    0x0150: "N-DELETE",
-}
-C_ECHO_RSP = 0x8030
-ECHO_STATUSES = {  # PS3.7 9.1.5.1.4 and Annex C
-    0x0110: "processing failure",
-    0x0122: "SOP class not supported",
-    0x0210: "duplicate invocation",
-    0x0211: "unrecognized operation",
-    0x0212: "mistyped argument",
 }
 COMMAND_LIMIT = 64 * 1024  # a C-ECHO-RSP is about 100 bytes; fragments beyond this are not one
 ACCEPTED = "the server accepted the association"
@@ -178,40 +162,6 @@ def client_table(
     )
 
 
-def _element(tag: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def c_echo_rq(message_id: int = 1) -> bytes:
-    """The C-ECHO-RQ command set, implicit VR little endian (PS3.7 9.3.5)."""
-    body = (
-        _element(0x00000002, VERIFICATION.encode())
-        + _element(0x00000100, struct.pack("<H", 0x0030))
-        + _element(0x00000110, struct.pack("<H", message_id))
-        + _element(0x00000800, struct.pack("<H", 0x0101))
-    )
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
-
-
-def command_fields(data: bytes) -> dict[int, bytes]:
-    """The elements of a command set (implicit VR LE); raises PduError when it does not parse."""
-    out: dict[int, bytes] = {}
-    pos = 0
-    while pos + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHI", data, pos)
-        if pos + 8 + length > len(data):
-            raise pdu.PduError(f"command element ({group:04x},{element:04x}) is truncated")
-        out[(group << 16) | element] = data[pos + 8 : pos + 8 + length]
-        pos += 8 + length
-    return out
-
-
-class NotEchoResponse(Exception):
-    """A P-DATA-TF that is no C-ECHO-RSP; the message says what it is instead, in words."""
-
-
 def describe_abort(abort: pdu.Abort) -> str:
     """Who aborted and why, in words, with the numbers a server's log shows."""
     who = ABORT_SOURCES.get(abort.source, f"source {abort.source}")
@@ -220,32 +170,6 @@ def describe_abort(abort: pdu.Abort) -> str:
     else:
         why = pdu.ABORT_REASONS.get(abort.source, {}).get(abort.reason, f"reason {abort.reason}")
     return f"A-ABORT by {who}: {why} (source {abort.source}, reason {abort.reason})"
-
-
-def describe_status(status: int) -> str:
-    """A DIMSE status, with the words for the ones a C-ECHO can get."""
-    if status in ECHO_STATUSES:
-        words = ECHO_STATUSES[status]
-    elif status == 0x0001 or 0xB000 <= status <= 0xBFFF:
-        words = "a warning"
-    elif status in (0xFF00, 0xFF01):
-        words = "pending"
-    elif status == 0xFE00:
-        words = "cancel"
-    else:
-        words = "a failure"
-    return f"status 0x{status:04x} ({words})"
-
-
-def describe_command(field: int) -> str:
-    """A DIMSE command field as the message's name ("a C-STORE-RSP (command field 0x8001)")."""
-    if field == 0x0FFF:
-        name = "C-CANCEL-RQ"
-    elif (request := DIMSE_COMMANDS.get(field & 0x7FFF)) is not None:
-        name = f"{request}-RSP" if field & 0x8000 else f"{request}-RQ"
-    else:
-        return f"an unknown command (command field 0x{field:04x})"
-    return f"a {name} (command field 0x{field:04x})"
 
 
 def describe_reject(rj: pdu.AssociateReject) -> str:
@@ -466,7 +390,7 @@ async def _associate_and_echo(
     context_id = accepted[0].context_id
     ending: _Ending | int
     try:
-        await stream.send_all(pdu.encode_p_data(context_id, c_echo_rq(), command=True))
+        await stream.send_all(encode_p_data(context_id, c_echo_rq(), command=True))
         ending = await _echo_answer(stream, context_id, rest)
     except (pdu.PduError, NotEchoResponse, *STREAM_ERRORS) as exc:
         ending = exc
@@ -513,27 +437,7 @@ async def _echo_answer(stream: ByteStream, context_id: int, initial: bytes) -> i
                     f"a command set of over {COMMAND_LIMIT} bytes, not a C-ECHO-RSP"
                 )
             if control & 0x02:  # the last fragment
-                return _echo_status(bytes(command))
-
-
-def _echo_status(command: bytes) -> int:
-    """The status of a whole command set if it is a C-ECHO-RSP; else NotEchoResponse."""
-    try:
-        fields = command_fields(command)
-    except pdu.PduError as exc:
-        raise NotEchoResponse(
-            f"a command set that does not parse ({exc}), not a C-ECHO-RSP"
-        ) from None
-    field = fields.get(0x00000100, b"")
-    if len(field) < 2:
-        raise NotEchoResponse("a command set without a command field, not a C-ECHO-RSP")
-    kind = struct.unpack("<H", field[:2])[0]
-    if kind != C_ECHO_RSP:
-        raise NotEchoResponse(f"{describe_command(kind)}, not a C-ECHO-RSP")
-    status = fields.get(0x00000900, b"")
-    if len(status) < 2:
-        raise NotEchoResponse("a C-ECHO-RSP without a status")
-    return int(struct.unpack("<H", status[:2])[0])
+                return echo_status(bytes(command))
 
 
 @dataclass(frozen=True)

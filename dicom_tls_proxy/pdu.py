@@ -6,7 +6,8 @@ Calling one) and the upstream's answer -- and it must refuse anything malformed 
 the old devices it protects, which may not survive a bad length field. This module is the judge:
 `PduError`, the one header check every reader of PDUs applies (`check_header`), and the parser.
 Around it: `pdu_items` holds the values the association negotiates, `pdu_framing` cuts byte streams
-into PDUs (whole ones for the association, boundaries only for the relay).
+into PDUs (whole ones for the association, boundaries only for the relay), `dimse` reads and writes
+the command sets that travel inside P-DATA-TF.
 
 What it must never do: touch sockets, TLS, trio, clocks or logging; keep references to the buffers
 it is given; or let a hostile byte string raise anything but :class:`PduError` (a bug here would be
@@ -407,13 +408,6 @@ def encode_associate_rq(
         + items
     )
     return HEADER.pack(A_ASSOCIATE_RQ, len(body)) + body
-
-
-def encode_p_data(context_id: int, payload: bytes, *, command: bool, last: bool = True) -> bytes:
-    """One P-DATA-TF carrying one PDV (PS3.8 9.3.5 and Annex E.2)."""
-    control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
-    pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
-    return HEADER.pack(P_DATA_TF, len(pdv)) + pdv
 
 
 def rewrite_called_ae(raw: bytes, called_ae: str) -> bytes:
