@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from dicom_tls_proxy import audit, echo
+from dicom_tls_proxy import audit, dimse, echo
 from dicom_tls_proxy.config import load_config
 from dicom_tls_proxy.config_schema import Endpoint
 from dicom_tls_proxy.devpki import init_pki
@@ -74,7 +74,7 @@ class _Device:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(echo.VERIFICATION)
+        ae.add_supported_context(dimse.VERIFICATION)
 
         def on_request(event: Any) -> None:
             self.called.append(event.assoc.requestor.primitive.called_ae_title.strip())

@@ -17,7 +17,8 @@ import trio
 
 from dicom_tls_proxy.association import Ending, RelayFacts
 from dicom_tls_proxy.audit import AssociationRecord
-from dicom_tls_proxy.pdu import Abort, BoundaryTracker, PduError
+from dicom_tls_proxy.pdu import Abort, PduError
+from dicom_tls_proxy.pdu_framing import BoundaryTracker
 from dicom_tls_proxy.streams import STREAM_ERRORS, abort_quietly
 from dicom_tls_proxy.tls import ByteStream
 

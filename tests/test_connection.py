@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu
 from dicom_tls_proxy.audit import AssociationRecord, Audit
 from dicom_tls_proxy.config import load_config
 from dicom_tls_proxy.listener import serve
@@ -149,7 +149,7 @@ async def test_accepted_relayed_and_released(tmp_path: Path, pki: Path) -> None:
         await stream.send_all(build_ac(rq))
         data = await read_pdu(stream)
         seen.append(data)
-        await stream.send_all(pdu.encode_p_data(1, b"\x03\x00" + bytes(10), command=True))
+        await stream.send_all(dimse.encode_p_data(1, b"\x03\x00" + bytes(10), command=True))
         seen.append(await read_pdu(stream))
         await stream.send_all(pdu.encode_release_rp())
 
@@ -159,7 +159,7 @@ async def test_accepted_relayed_and_released(tmp_path: Path, pki: Path) -> None:
         await client.send_all(rq)
         ac = await read_pdu(client)
         assert ac[0] == pdu.A_ASSOCIATE_AC and ac[10:26] == rq[10:26]  # its own Called AE
-        payload = pdu.encode_p_data(1, b"\x03\x00" + bytes(100), command=True)
+        payload = dimse.encode_p_data(1, b"\x03\x00" + bytes(100), command=True)
         await client.send_all(payload)
         assert (await read_pdu(client))[0] == pdu.P_DATA_TF
         await client.send_all(pdu.encode_release_rq())

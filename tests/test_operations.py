@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu
 from dicom_tls_proxy.devpki import make_leaf, write_pem_cert, write_pem_key
 from tests.support import (
     TIMEOUT,
@@ -57,7 +57,7 @@ class HeldUpstream(ScriptedUpstream):
                 return
             self.got_data.set()
             self.release.wait(TIMEOUT)
-            conn.sendall(pdu.encode_p_data(1, b"answer", command=True))
+            conn.sendall(dimse.encode_p_data(1, b"answer", command=True))
 
 
 def test_sigterm_lets_an_association_in_flight_finish(tmp_path: Path, pki: Path) -> None:
@@ -69,7 +69,7 @@ def test_sigterm_lets_an_association_in_flight_finish(tmp_path: Path, pki: Path)
             client = RawClient(proxy.address("tls"), ctx(pki))
             client.send(build_rq("CT"))
             assert client.read_pdu()[0] == pdu.A_ASSOCIATE_AC
-            client.send(pdu.encode_p_data(1, b"request", command=True))
+            client.send(dimse.encode_p_data(1, b"request", command=True))
             assert upstream.got_data.wait(TIMEOUT)
             proxy.proc.send_signal(signal.SIGTERM)
             proxy.wait_for(event="draining", connections=1)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,
@@ -518,7 +518,7 @@ def test_idle_timeout_counts_from_the_last_byte_either_way(tmp_path: Path, pki: 
     idle_timeout after its last byte."""
     idle = 2.0
     ups, downs, dense = 20, 20, 100  # 5 s up, 5 s down at 250 ms; 2 s at 20 ms
-    chunk = pdu.encode_p_data(1, b"\x00" * 64, command=False)
+    chunk = dimse.encode_p_data(1, b"\x00" * 64, command=False)
     got: list[bytes] = []
 
     def device(conn: socket.socket) -> None:
