@@ -257,7 +257,7 @@ def _refused(proxy: ProxyProcess, pki: Path, rq: bytes) -> bytes:
     with raw(proxy, pki) as client:
         client.send(rq)
         answer = client.read_pdu()
-        assert client.read_eof() == b""  # then a clean close, not a reset
+        assert client.read_clean_close() == b""  # then a clean close, not a reset
         return answer
 
 
