@@ -440,7 +440,7 @@ def test_handshake_timeout(tmp_path: Path, pki: Path, legacy: LegacyDevice) -> N
     with running_proxy(tmp_path, config(pki, legacy.address, handshake_timeout=1.0)) as proxy:
         with raw(proxy, pki) as client:
             client.send(build_rq("CT")[:20])  # part of a PDU, then silence
-            assert client.read_eof() == b""
+            assert client.read_clean_close() == b""
         assert proxy.association(reason="handshake-timeout")["outcome"] == "timed-out"
         with socket.create_connection(
             proxy.address("tls"), timeout=TIMEOUT
