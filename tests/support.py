@@ -466,7 +466,11 @@ class RawClient:
     def __init__(self, address: tuple[str, int], ssl_context: Any = None) -> None:
         sock = socket.create_connection(address, timeout=TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ssl_context.wrap_socket(sock) if ssl_context is not None else sock
+        self.sock = (
+            ssl_context.wrap_socket(sock, suppress_ragged_eofs=False)
+            if ssl_context is not None
+            else sock
+        )
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -486,13 +490,22 @@ class RawClient:
         return header + self.read_exact(length)
 
     def read_eof(self) -> bytes:
-        """Everything until the peer closes (b"" if it closes at once)."""
+        """Everything until the peer closes (b"" if it closes at once), however it closes: a
+        reset or a TLS close without close_notify ends it too (see `read_clean_close`)."""
         data = b""
         try:
             while chunk := self.sock.recv(65536):
                 data += chunk
         except (ConnectionResetError, OSError):
             pass
+        return data
+
+    def read_clean_close(self) -> bytes:
+        """Everything until the peer closes; raises unless it closes cleanly: no TCP reset, and
+        over TLS its close_notify first (a bare TCP close is SSLEOFError here)."""
+        data = b""
+        while chunk := self.sock.recv(65536):
+            data += chunk
         return data
 
     def close(self) -> None:

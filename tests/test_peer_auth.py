@@ -244,7 +244,7 @@ def rejected(proxy: ProxyProcess, ctx: ssl.SSLContext, called_ae: str, reason: s
     try:
         client.send(build_rq(called_ae))
         assert client.read_pdu() == pdu.encode_reject(1, 1, 1)
-        assert client.read_eof() == b""
+        assert client.read_clean_close() == b""
     finally:
         client.close()
     line = proxy.association(reason=reason, called_ae=called_ae)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -17,7 +18,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dicom_tls_proxy import certload, devpki
@@ -56,6 +61,13 @@ def ext(
 
 def eku(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
     return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+
+def key_id(cert: x509.Certificate) -> bytes:
+    """RFC 5280 4.2.1.2 method (1): SHA-1 of the subjectPublicKey bits (for RSA, the PKCS#1
+    RSAPublicKey), computed here rather than by cryptography's helper the product uses."""
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.PKCS1)
+    return hashlib.sha1(der, usedforsecurity=False).digest()
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -102,6 +114,7 @@ def test_init_pki_certificate_contents(tmp_path: Path) -> None:
     assert ca_usage.key_cert_sign and ca_usage.crl_sign and not ca_usage.digital_signature
     ca_ski = ext(ca_cert, x509.SubjectKeyIdentifier).value
     assert isinstance(ca_ski, x509.SubjectKeyIdentifier)
+    assert ca_ski.digest == key_id(ca_cert)
 
     assert common_name(proxy) == "dicom-tls-proxy"
     assert eku(proxy) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
@@ -127,7 +140,8 @@ def test_init_pki_certificate_contents(tmp_path: Path) -> None:
         aki = ext(leaf, x509.AuthorityKeyIdentifier).value
         assert isinstance(aki, x509.AuthorityKeyIdentifier)
         assert aki.key_identifier == ca_ski.digest
-        assert ext(leaf, x509.SubjectKeyIdentifier) is not None
+        ski = ext(leaf, x509.SubjectKeyIdentifier).value
+        assert isinstance(ski, x509.SubjectKeyIdentifier) and ski.digest == key_id(leaf)
         lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
         assert datetime.timedelta(days=30) <= lifetime <= datetime.timedelta(days=30, minutes=10)
 

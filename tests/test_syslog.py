@@ -53,6 +53,7 @@ from tests.support import (
     pacs_identities,
     proxy_config,
     running_proxy,
+    sha256_of,
     tls_in,
     toml_dumps,
     wait_until,
@@ -390,7 +391,9 @@ def test_start_alerts_and_stop_reach_the_collector(tmp_path: Path, pki: Path) ->
             subject = untrusted.find("ParticipantObjectIdentification")
             assert subject is not None
             assert subject.get("ParticipantObjectID", "").startswith("127.0.0.1:")
-            assert len(details(untrusted)["Certificate SHA-256"]) > 0
+            # the refused certificate, as an operator pins it (computed here, not by the proxy)
+            assert details(untrusted)["Certificate SHA-256"] == sha256_of(foreign_cert)
+            assert details(untrusted)["Listener"] == "tls"
 
             ae = by_reason["calling-ae-not-allowed"]
             assert codes(ae)[2] == "4"

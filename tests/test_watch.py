@@ -208,6 +208,7 @@ def test_a_symlink_swap_reloads_and_a_broken_key_keeps_the_old_certificate(
         assert len(proxy.find(event="watch-changed")) == 4
         assert len(proxy.find(event="reloaded")) == 3
         for line in proxy.find(event="watch-changed"):
+            assert line["changed"], line  # each names what changed, all of it in the secret
             assert all(p.startswith(str(secret)) for p in line["changed"]), line
 
 

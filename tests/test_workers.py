@@ -47,7 +47,11 @@ def workers_config(pki: Path, upstream: str, port: int) -> dict[str, Any]:
 
 def _started(proxy: ProxyProcess) -> list[int]:
     wait_until(lambda: len(proxy.find(event="listening")) == 2, what="both workers listening")
-    return list(proxy.wait_for(event="workers-started")["pids"])
+    pids = list(proxy.wait_for(event="workers-started")["pids"])
+    # Two running workers, not the parent: "none of them is left alive" checks something.
+    assert len(set(pids)) == 2 and proxy.proc.pid not in pids, pids
+    assert all(_alive(pid) for pid in pids), pids
+    return pids
 
 
 @pytest.mark.dcmtk

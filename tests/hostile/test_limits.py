@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicom_tls_proxy import pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,
@@ -62,7 +63,7 @@ def test_refusal_flood_is_rate_limited_per_source(
         for _ in range(60):
             client = RawClient(address)
             client.send(build_rq("NOWHERE"))
-            client.read_pdu()
+            assert client.read_pdu() == pdu.encode_reject(1, 1, 7)  # each one answered
             client.close()
         summary = proxy.wait_for(event="suppressed", reason="no-route")
         logged = len(proxy.find(event="association", reason="no-route"))
