@@ -34,7 +34,8 @@ from dicom_tls_proxy.streams import (
     read_pdu,
 )
 from dicom_tls_proxy.thumbprint import parse_thumbprint
-from dicom_tls_proxy.tls import ByteStream, TlsFailure, TlsInfo, TlsStream, client_context
+from dicom_tls_proxy.tlscontext import TlsFailure, TlsInfo, client_context
+from dicom_tls_proxy.tlsstream import ByteStream, TlsStream
 from dicom_tls_proxy.vocabulary import Reason
 
 VERIFICATION = "1.2.840.10008.1.1"

@@ -18,7 +18,7 @@ import trio
 from dicom_tls_proxy.audit import AssociationRecord
 from dicom_tls_proxy.pdu import BoundaryTracker, PduError
 from dicom_tls_proxy.streams import STREAM_ERRORS, abort_quietly
-from dicom_tls_proxy.tls import ByteStream
+from dicom_tls_proxy.tlsstream import ByteStream
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 
 # One read takes what the kernel holds, up to a share of READ_BUDGET: a single busy association

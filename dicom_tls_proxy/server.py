@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 from OpenSSL import SSL
 
-from dicom_tls_proxy import audit, pdu, policy, routing, tls
+from dicom_tls_proxy import _openssl, audit, pdu, policy, routing
 from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auditfile import AuditFile
 from dicom_tls_proxy.auth import IPAddress, PeerIdentity, plaintext_allowed, source_allowed
@@ -44,6 +44,8 @@ from dicom_tls_proxy.streams import (
     read_pdu,
 )
 from dicom_tls_proxy.syslogsink import SyslogSink
+from dicom_tls_proxy.tlscontext import TlsFailure, client_context, server_context
+from dicom_tls_proxy.tlsstream import ByteStream, TlsStream
 from dicom_tls_proxy.uids import uid_name
 from dicom_tls_proxy.vocabulary import REFUSALS, Abort, Close, Outcome, Reason, Reject
 from dicom_tls_proxy.watch import watch_folders
@@ -96,17 +98,15 @@ class Generation:
 
     @classmethod
     def build(cls, config: Config) -> Generation:
-        server = {
-            li.tls: tls.server_context(config.tls[li.tls]) for li in config.listeners if li.tls
-        }
+        server = {li.tls: server_context(config.tls[li.tls]) for li in config.listeners if li.tls}
         client = {
-            r.upstream_tls: tls.client_context(config.tls[r.upstream_tls])
+            r.upstream_tls: client_context(config.tls[r.upstream_tls])
             for r in config.routes
             if r.upstream_tls
         }
         if config.audit.syslog_tls is not None and config.audit.syslog_tls not in client:
             name = config.audit.syslog_tls  # the syslog collector's: re-read on reload too
-            client[name] = tls.client_context(config.tls[name])
+            client[name] = client_context(config.tls[name])
         return cls(config, server, client)
 
 
@@ -292,8 +292,8 @@ class Proxy:
         peer = _peer_of(stream)
         record = AssociationRecord(listener=li.name, peer=format_address(peer))
         pending = _Slot(self.pending)
-        client: tls.ByteStream = stream
-        upstream: tls.ByteStream | None = None
+        client: ByteStream = stream
+        upstream: ByteStream | None = None
         self.per_ip[peer[0]] += 1
         try:
             source = ipaddress.ip_address(peer[0].split("%")[0])
@@ -365,7 +365,7 @@ class Proxy:
             )
             record.finish(Outcome.ABORTED, reason, str(exc))
             await answer_and_close(client, answer_bytes(reason))
-        except tls.TlsFailure as failure:
+        except TlsFailure as failure:
             if failure.certificate is not None:
                 d = policy.describe(failure.certificate)
                 record.peer_subject, record.peer_sha256 = d["subject"], d["sha256"]
@@ -402,7 +402,7 @@ class Proxy:
 
     async def _secure(
         self, gen: Generation, li: Listener, stream: LeanStream, record: AssociationRecord
-    ) -> tuple[tls.ByteStream, PeerIdentity, bytes]:
+    ) -> tuple[ByteStream, PeerIdentity, bytes]:
         """TLS if the listener has it; returns the stream to talk DICOM on, the peer, and bytes
         already read. The first byte tells the protocol: TLS starts with 0x16, an A-ASSOCIATE-RQ
         with 0x01, so plaintext DICOM on a TLS port can be answered in plaintext."""
@@ -449,10 +449,10 @@ class Proxy:
         stream: LeanStream,
         record: AssociationRecord,
         initial: bytes,
-    ) -> tuple[tls.TlsStream, PeerIdentity]:
+    ) -> tuple[TlsStream, PeerIdentity]:
         assert li.tls is not None
         table = gen.config.tls[li.tls]
-        tstream = await tls.TlsStream.accept(
+        tstream = await TlsStream.accept(
             stream, gen.server_contexts[li.tls], table, initial=initial
         )
         record.handshake_done()
@@ -475,7 +475,7 @@ class Proxy:
 
     async def _open_upstream(
         self, gen: Generation, route: Route, record: AssociationRecord
-    ) -> tls.ByteStream:
+    ) -> ByteStream:
         timeout = gen.config.proxy.connect_timeout
         with trio.move_on_after(timeout) as scope:
             try:
@@ -489,10 +489,10 @@ class Proxy:
             table = gen.config.tls[route.upstream_tls]
             name = table.server_name or route.upstream.host
             try:
-                return await tls.TlsStream.connect(
+                return await TlsStream.connect(
                     sock, gen.client_contexts[route.upstream_tls], table, name
                 )
-            except tls.TlsFailure as failure:
+            except TlsFailure as failure:
                 await aclose_quietly(sock)
                 detail = f"{route.upstream}: {failure.reason}: {failure}"
                 if failure.certificate is not None:
@@ -511,8 +511,8 @@ class Proxy:
     async def _associate(
         self,
         gen: Generation,
-        client: tls.ByteStream,
-        upstream: tls.ByteStream,
+        client: ByteStream,
+        upstream: ByteStream,
         route: Route,
         rq: pdu.AssociateRequest,
         record: AssociationRecord,
@@ -816,7 +816,13 @@ async def _serve(
                         stop(cause="supervisor-gone")
 
                     nursery.start_soon(follow_the_supervisor, lifeline)
-                event("started", config=str(config.path), listeners=addresses)
+                event(
+                    "started",
+                    config=str(config.path),
+                    listeners=addresses,
+                    openssl_path=_openssl.PATH,
+                    openssl_why=_openssl.WHY,
+                )
                 sd_notify("READY=1")
                 async for signum in signals:
                     name = signal.Signals(signum).name

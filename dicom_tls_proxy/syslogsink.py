@@ -22,7 +22,7 @@ after a UTF-8 BOM; each message octet-counted (RFC 5425: `MSGLEN SP SYSLOG-MSG`)
 How it stays out of the way of traffic: the sink interface (`association`, `event`) only builds
 the message and appends it to a bounded queue (a deque, then a `trio.Event` wakes the writer); a
 full queue drops the message and counts it. Nothing there waits. One writer task, `run`, connects
-with the proxy's own TLS client (a `tls.client_context` and `TlsStream.connect`: chain or
+with the proxy's own TLS client (a `tlscontext.client_context` and `TlsStream.connect`: chain or
 thumbprint verification and the server name check of the `syslog_tls` table), sends what is
 queued, and reconnects with exponential backoff when the collector is down; the queue keeps what
 was not sent. Syslog over TLS has no acknowledgement: a message written just before the collector
@@ -64,11 +64,12 @@ from typing import Any
 import trio
 from OpenSSL import SSL
 
-from dicom_tls_proxy import tls
 from dicom_tls_proxy.alerts import NODE_AUTHENTICATION, SECURITY_ALERT, SUCCESS, Code, classify
 from dicom_tls_proxy.audit import AssociationRecord, Throttle, event
 from dicom_tls_proxy.config import Endpoint, TlsTable
 from dicom_tls_proxy.streams import STREAM_ERRORS, os_error_text
+from dicom_tls_proxy.tlscontext import TlsFailure, client_context
+from dicom_tls_proxy.tlsstream import TlsStream
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, Reason
 
 APP_NAME = "dicom-tls-proxy"
@@ -350,13 +351,13 @@ class _Lost(Exception):
     pass
 
 
-_DELIVERY_ERRORS = (*STREAM_ERRORS, tls.TlsFailure, trio.TooSlowError, _Lost)
+_DELIVERY_ERRORS = (*STREAM_ERRORS, TlsFailure, trio.TooSlowError, _Lost)
 
 
 class _Connection:
     """One TLS connection to the collector, and the scope of the task that watches it."""
 
-    def __init__(self, stream: tls.TlsStream) -> None:
+    def __init__(self, stream: TlsStream) -> None:
         self.stream = stream
         self.watcher = trio.CancelScope()
         self.ended = trio.Event()  # the collector closed it (or it broke)
@@ -385,7 +386,7 @@ class SyslogSink:
         self.me = identity or Identity.local()
         self.capacity = capacity
         self.backoff = backoff
-        self._context = context if context is not None else tls.client_context(table)
+        self._context = context if context is not None else client_context(table)
         self._limiter = AlertLimiter(alert_interval)
         self._queue: deque[bytes] = deque()
         self._wake = trio.Event()  # something was queued, the sink closed, or a reload
@@ -521,7 +522,7 @@ class SyslogSink:
             with trio.fail_after(CONNECT_TIMEOUT):
                 sock = await trio.open_tcp_stream(self.target.host, self.target.port)
                 try:
-                    stream = await tls.TlsStream.connect(
+                    stream = await TlsStream.connect(
                         sock, self._context, self.table, self.server_name
                     )
                 except BaseException:
@@ -609,7 +610,7 @@ class SyslogSink:
         self.failures += 1
         self._failing = True
         if self._failure_lines.due():
-            if isinstance(exc, tls.TlsFailure):
+            if isinstance(exc, TlsFailure):
                 text = f"{exc.reason}: {exc}"
             elif isinstance(exc, trio.TooSlowError):
                 text = "timed out"
