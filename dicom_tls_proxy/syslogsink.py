@@ -386,7 +386,7 @@ class SyslogSink:
         self.me = identity or Identity.local()
         self.capacity = capacity
         self.backoff = backoff
-        self._context = context if context is not None else client_context(table)
+        self._tls_context = context if context is not None else client_context(table)
         self._limiter = AlertLimiter(alert_interval)
         self._queue: deque[bytes] = deque()
         self._wake = trio.Event()  # something was queued, the sink closed, or a reload
@@ -454,7 +454,7 @@ class SyslogSink:
         """A reload: connect with this `[tls.NAME]` table (its files read again into `context`)
         from now on. The current connection is closed after the message being written, so that a
         rotated certificate or a new CA takes effect at once; nothing queued is lost."""
-        self.table, self._context = table, context
+        self.table, self._tls_context = table, context
         self.server_name = table.server_name or self.target.host
         self._renew = True
         self._wake.set()
@@ -523,7 +523,7 @@ class SyslogSink:
                 sock = await trio.open_tcp_stream(self.target.host, self.target.port)
                 try:
                     stream = await TlsStream.connect(
-                        sock, self._context, self.table, self.server_name
+                        sock, self._tls_context, self.table, self.server_name
                     )
                 except BaseException:
                     with trio.CancelScope(shield=True):
