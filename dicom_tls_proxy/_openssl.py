@@ -109,10 +109,7 @@ class _CBuffer(Buffer):
         return memoryview(_ffi.buffer(self.buffer, self.pos))
 
 
-def _failed(conn: SSL.Connection, ssl: Any, result: int) -> None:
-    """Raise the SSL.Error a call's result <= 0 stands for (as pyOpenSSL's own methods do)."""
-    conn._raise_ssl_error(ssl, result)
-    raise SSL.Error(f"OpenSSL returned {result} without an error")  # never seen: never loop
+_NEVER = "OpenSSL returned {} without an error"  # `_raise_ssl_error` passes SSL_ERROR_NONE by
 
 
 def _private_read_into(conn: SSL.Connection, out: Buffer, limit: int) -> None:
@@ -120,17 +117,23 @@ def _private_read_into(conn: SSL.Connection, out: Buffer, limit: int) -> None:
     while out.pos < limit:
         out.reserve(RECORD)
         n = _lib.SSL_read(ssl, out.buffer + out.pos, out.room - out.pos)
-        if n <= 0:
-            _failed(conn, ssl, n)
-        out.pos += n
+        if n > 0:
+            out.pos += n
+            continue
+        try:  # caught where raised: every chunk ends so, and each frame it crossed costs
+            conn._raise_ssl_error(ssl, n)
+        except SSL.WantReadError:
+            return
+        raise SSL.Error(_NEVER.format(n))  # never seen: never loop
 
 
 def _private_write(conn: SSL.Connection, data: memoryview) -> int:
     ssl = conn._ssl
     with _ffi.from_buffer(data) as src:
         n: int = _lib.SSL_write(ssl, src, len(data))
-        if n <= 0:
-            _failed(conn, ssl, n)
+    if n <= 0:
+        conn._raise_ssl_error(ssl, n)
+        raise SSL.Error(_NEVER.format(n))
     return n
 
 
@@ -142,7 +145,8 @@ def _private_encrypt_into(conn: SSL.Connection, data: memoryview, out: Buffer, s
         while start < size:
             n = _lib.SSL_write(ssl, src + start, min(step, size - start))
             if n <= 0:
-                _failed(conn, ssl, n)
+                conn._raise_ssl_error(ssl, n)
+                raise SSL.Error(_NEVER.format(n))
             start += n
             _private_drain(conn, out)
 
@@ -189,8 +193,10 @@ class _ByteBuffer(Buffer):
 def _public_read_into(conn: SSL.Connection, out: Buffer, limit: int) -> None:
     while out.pos < limit:
         out.reserve(RECORD)
-        # At most a record: pyOpenSSL allocates a temporary buffer of the size it is offered.
-        out.pos += conn.recv_into(memoryview(out.buffer)[out.pos :], RECORD)
+        try:  # at most a record: pyOpenSSL allocates a temporary buffer of the size offered
+            out.pos += conn.recv_into(memoryview(out.buffer)[out.pos :], RECORD)
+        except SSL.WantReadError:
+            return
 
 
 def _public_write(conn: SSL.Connection, data: memoryview) -> int:
@@ -205,12 +211,12 @@ def _public_encrypt_into(conn: SSL.Connection, data: memoryview, out: Buffer, st
 
 def _public_drain(conn: SSL.Connection, out: Buffer) -> None:
     while True:
-        out.reserve(RECORD + RECORD_OVERHEAD)
-        try:
-            chunk = conn.bio_read(out.room - out.pos)
+        try:  # a copy pyOpenSSL makes, of at most a slice's records (it allocates what it is asked)
+            chunk = conn.bio_read(4 * RECORD)
         except SSL.WantReadError:  # the BIO is empty
             return
         n = len(chunk)
+        out.reserve(n)
         out.buffer[out.pos : out.pos + n] = chunk
         out.pos += n
 
@@ -292,7 +298,7 @@ def _wants_read(step: Callable[[], object]) -> bool:
 
 
 def _probe() -> str:
-    """ "" when the private names are there and behave as this module expects; else why not."""
+    """Why the private names cannot be used; empty when they are there and behave as expected."""
     if _import_error:
         return _import_error
     missing = [name for name in _NEEDED if not hasattr(_lib, name)]
@@ -309,8 +315,10 @@ def _probe() -> str:
         # wants the server's answer; reading wants it too.
         if not _wants_read(lambda: _private_write(conn, memoryview(b"x"))):
             return "SSL_write before the handshake did not ask for the server's answer"
-        if not _wants_read(lambda: _private_read_into(conn, _CBuffer(RECORD), RECORD)):
-            return "SSL_read before the handshake did not ask for the server's answer"
+        plaintext = _CBuffer(RECORD)
+        _private_read_into(conn, plaintext, RECORD)  # returns when OpenSSL wants to read
+        if plaintext.pos:
+            return "SSL_read before the handshake returned data"
         if not _private_has_output(conn):
             return "no ClientHello waits in the outgoing BIO"
         out = _CBuffer(64)
@@ -346,8 +354,9 @@ PATH, WHY = _choose()
 # What the streams call, bound once: no test per record on the hot path.
 new_buffer: Callable[[int], Buffer]
 read_into: Callable[[SSL.Connection, Buffer, int], None]
-"""SSL_read into `out` until it holds `limit` bytes, or until OpenSSL raises (`WantReadError`
-when it has nothing more to decrypt; what was read before the error is in `out`)."""
+"""SSL_read into `out` until it holds `limit` bytes or OpenSSL has nothing more to decrypt; any
+other end (an error, close_notify, a socket that must be written first) raises its SSL.Error,
+what was read before it in `out`."""
 write: Callable[[SSL.Connection, memoryview], int]
 """One SSL_write of all of `data` (partial writes are off); raises as SSL_write fails."""
 encrypt_into: Callable[[SSL.Connection, memoryview, Buffer, int], None]

@@ -145,8 +145,6 @@ class TlsStream:
         it can read on (a socket BIO whose socket is full)."""
         try:
             _openssl.read_into(self._conn, out, limit)
-        except SSL.WantReadError:
-            pass
         except SSL.WantWriteError:  # only on a socket BIO: its socket is full
             return True
         except SSL.SysCallError as exc:  # a reset or a TCP close, on a socket BIO
