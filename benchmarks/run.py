@@ -168,6 +168,8 @@ def machine_info(tools: Tools, digest: str) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "proxy_openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(),
+        # "public" forces the proxy onto pyOpenSSL's public API (its `started` line says the path)
+        "proxy_openssl_env": os.environ.get("DICOM_TLS_PROXY_OPENSSL"),
         "dcmtk": workloads.dcmtk_version(tools),
         "stunnel": first_line([tools.stunnel, "-version"]) if tools.stunnel else None,
         "git_commit": git("rev-parse", "HEAD"),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from dicom_tls_proxy import _openssl
 from dicom_tls_proxy import audit as audit_log
 from dicom_tls_proxy.audit import Audit, event
 from dicom_tls_proxy.auditfile import AuditFile
@@ -151,7 +152,13 @@ async def _serve(
                         stop(cause="supervisor-gone")
 
                     nursery.start_soon(follow_the_supervisor, lifeline)
-                audit.event("started", config=str(config.path), listeners=addresses)
+                audit.event(
+                    "started",
+                    config=str(config.path),
+                    listeners=addresses,
+                    openssl_path=_openssl.PATH,
+                    openssl_why=_openssl.WHY,
+                )
                 sd_notify("READY=1")
                 async for signum in signals:
                     name = signal.Signals(signum).name

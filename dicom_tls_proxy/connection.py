@@ -18,7 +18,7 @@ import logging
 
 import trio
 
-from dicom_tls_proxy import pdu, policy, routing, tls
+from dicom_tls_proxy import pdu, policy, routing
 from dicom_tls_proxy.association import (
     Answer,
     Association,
@@ -47,6 +47,8 @@ from dicom_tls_proxy.streams import (
     os_error_text,
     read_pdu,
 )
+from dicom_tls_proxy.tlscontext import TlsFailure
+from dicom_tls_proxy.tlsstream import ByteStream, TlsStream
 from dicom_tls_proxy.uids import uid_name
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 
@@ -75,8 +77,8 @@ class Connection:
         self.record = AssociationRecord(listener=li.name, peer=format_address(self.peer))
         self.association = Association()
         self.pending = Slot(proxy.pending)
-        self.client: tls.ByteStream = self.stream
-        self.upstream: tls.ByteStream | None = None
+        self.client: ByteStream = self.stream
+        self.upstream: ByteStream | None = None
         self.relay: Relay | None = None
         self.relayed = b""  # the upstream's own RJ or A-ABORT, passed on as sent
 
@@ -88,7 +90,7 @@ class Connection:
             await self._end(stop)
         except pdu.PduError as exc:
             await self._end(Stop(PDU_REASONS.get(exc.abort_reason, Reason.INVALID_PDU), str(exc)))
-        except tls.TlsFailure as failure:
+        except TlsFailure as failure:
             if failure.certificate is not None:
                 d = policy.describe(failure.certificate)
                 record.peer_subject, record.peer_sha256 = d["subject"], d["sha256"]
@@ -209,7 +211,7 @@ class Connection:
         li, record, audit = self.li, self.record, self.proxy.audit
         assert li.tls is not None
         table = self.gen.config.tls[li.tls]
-        tstream = await tls.TlsStream.accept(
+        tstream = await TlsStream.accept(
             self.stream, self.gen.server_contexts[li.tls], table, initial=initial
         )
         self.client = tstream
@@ -281,7 +283,7 @@ class Connection:
             detail = "drain_timeout passed while stopping"
         return Stop(reason, detail)
 
-    async def _open_upstream(self, route: Route) -> tls.ByteStream | Stop:
+    async def _open_upstream(self, route: Route) -> ByteStream | Stop:
         timeout = self.gen.config.proxy.connect_timeout
         with trio.move_on_after(timeout):
             try:
@@ -293,10 +295,10 @@ class Connection:
             table = self.gen.config.tls[route.upstream_tls]
             name = table.server_name or route.upstream.host
             try:
-                return await tls.TlsStream.connect(
+                return await TlsStream.connect(
                     sock, self.gen.client_contexts[route.upstream_tls], table, name
                 )
-            except tls.TlsFailure as failure:
+            except TlsFailure as failure:
                 await aclose_quietly(sock)
                 detail = f"{route.upstream}: {failure.reason}: {failure}"
                 if failure.certificate is not None:

@@ -44,7 +44,8 @@ from dicom_tls_proxy.streams import (
     read_pdu,
 )
 from dicom_tls_proxy.thumbprint import parse_thumbprint
-from dicom_tls_proxy.tls import ByteStream, TlsFailure, TlsInfo, TlsStream, client_context
+from dicom_tls_proxy.tlscontext import TlsFailure, TlsInfo, client_context
+from dicom_tls_proxy.tlsstream import ByteStream, TlsStream
 
 TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR LE
 IMPLEMENTATION_CLASS_UID = "2.25.80567781562008035110521856474551951270"

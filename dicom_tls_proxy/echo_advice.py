@@ -20,7 +20,7 @@ import trio
 from dicom_tls_proxy import certnames, pdu, policy
 from dicom_tls_proxy.dimse import NotEchoResponse, describe_status
 from dicom_tls_proxy.streams import STREAM_ERRORS, PeerClosed, os_error_text
-from dicom_tls_proxy.tls import TlsFailure
+from dicom_tls_proxy.tlscontext import TlsFailure
 from dicom_tls_proxy.vocabulary import Reason
 
 Words = tuple[str, str]  # (cause, advice)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import trio
 from OpenSSL import SSL
 
-from dicom_tls_proxy import tls
 from dicom_tls_proxy.audit import Audit
 from dicom_tls_proxy.config import ConfigError, load_config
 from dicom_tls_proxy.config_schema import Config, TlsTable
 from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.syslogsink import SyslogSink
+from dicom_tls_proxy.tlscontext import client_context, server_context
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,15 @@ class Generation:
 
     @classmethod
     def build(cls, config: Config) -> Generation:
-        server = {
-            li.tls: tls.server_context(config.tls[li.tls]) for li in config.listeners if li.tls
-        }
+        server = {li.tls: server_context(config.tls[li.tls]) for li in config.listeners if li.tls}
         client = {
-            r.upstream_tls: tls.client_context(config.tls[r.upstream_tls])
+            r.upstream_tls: client_context(config.tls[r.upstream_tls])
             for r in config.routes
             if r.upstream_tls
         }
         if config.audit.syslog_tls is not None and config.audit.syslog_tls not in client:
             name = config.audit.syslog_tls  # the syslog collector's: re-read on reload too
-            client[name] = tls.client_context(config.tls[name])
+            client[name] = client_context(config.tls[name])
         return cls(config, server, client)
 
 

@@ -20,7 +20,7 @@ from dicom_tls_proxy.audit import AssociationRecord
 from dicom_tls_proxy.pdu import Abort, PduError
 from dicom_tls_proxy.pdu_framing import BoundaryTracker
 from dicom_tls_proxy.streams import STREAM_ERRORS, abort_quietly
-from dicom_tls_proxy.tls import ByteStream
+from dicom_tls_proxy.tlsstream import ByteStream
 
 # One read takes what the kernel holds, up to a share of READ_BUDGET: a single busy association
 # reads up to 1 MiB at a time (measured in W1 origination: 0.7 CPU seconds per GB against 1.0 with

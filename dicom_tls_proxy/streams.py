@@ -10,7 +10,7 @@ import trio
 
 from dicom_tls_proxy import pdu
 from dicom_tls_proxy.pdu_framing import split_pdu
-from dicom_tls_proxy.tls import ByteStream, TlsStream
+from dicom_tls_proxy.tlsstream import ByteStream, TlsStream
 
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 DRAIN_LIMIT = 64 * 1024  # bytes read and discarded after a refusal, before closing

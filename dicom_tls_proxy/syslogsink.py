@@ -10,7 +10,7 @@ carries the same classification, never rate-limited.
 How it stays out of the way of traffic: the sink interface (`association`, `event`) only builds
 the message and appends it to a bounded queue (a deque, then a `trio.Event` wakes the writer); a
 full queue drops the message and counts it. Nothing there waits. One writer task, `run`, connects
-with the proxy's own TLS client (a `tls.client_context` and `TlsStream.connect`: chain or
+with the proxy's own TLS client (a `tlscontext.client_context` and `TlsStream.connect`: chain or
 thumbprint verification and the server name check of the `syslog_tls` table), sends what is
 queued, and reconnects with exponential backoff when the collector is down; the queue keeps what
 was not sent. Syslog over TLS has no acknowledgement: a message written just before the collector
@@ -46,7 +46,6 @@ from typing import Any
 import trio
 from OpenSSL import SSL
 
-from dicom_tls_proxy import tls
 from dicom_tls_proxy.audit import AssociationRecord, event
 from dicom_tls_proxy.auditmessage import (
     NOTICE,
@@ -62,6 +61,8 @@ from dicom_tls_proxy.auditmessage import (
 from dicom_tls_proxy.config_schema import Endpoint, TlsTable
 from dicom_tls_proxy.ratelimit import Throttle, Windows
 from dicom_tls_proxy.streams import STREAM_ERRORS, os_error_text
+from dicom_tls_proxy.tlscontext import TlsFailure, client_context
+from dicom_tls_proxy.tlsstream import TlsStream
 
 CAPACITY = 10_000  # messages waiting for the collector
 ALERT_INTERVAL = 60.0  # seconds: one alert per source, reason and interval
@@ -106,13 +107,13 @@ class _Lost(Exception):
     pass
 
 
-_DELIVERY_ERRORS = (*STREAM_ERRORS, tls.TlsFailure, trio.TooSlowError, _Lost)
+_DELIVERY_ERRORS = (*STREAM_ERRORS, TlsFailure, trio.TooSlowError, _Lost)
 
 
 class _Connection:
     """One TLS connection to the collector, and the scope of the task that watches it."""
 
-    def __init__(self, stream: tls.TlsStream) -> None:
+    def __init__(self, stream: TlsStream) -> None:
         self.stream = stream
         self.watcher = trio.CancelScope()
         self.ended = trio.Event()  # the collector closed it (or it broke)
@@ -142,7 +143,7 @@ class SyslogSink:
         self.me = identity or Identity.local()
         self.capacity = capacity
         self.backoff = backoff
-        self._context = context if context is not None else tls.client_context(table)
+        self._tls_context = context if context is not None else client_context(table)
         self._limiter = AlertLimiter(alert_interval)
         self._queue: deque[bytes] = deque()
         self._wake = trio.Event()  # something was queued, the sink closed, or a reload
@@ -210,7 +211,7 @@ class SyslogSink:
         """A reload: connect with this `[tls.NAME]` table (its files read again into `context`)
         from now on. The current connection is closed after the message being written, so that a
         rotated certificate or a new CA takes effect at once; nothing queued is lost."""
-        self.table, self._context = table, context
+        self.table, self._tls_context = table, context
         self.server_name = table.server_name or self.target.host
         self._renew = True
         self._wake.set()
@@ -278,8 +279,8 @@ class SyslogSink:
             with trio.fail_after(CONNECT_TIMEOUT):
                 sock = await trio.open_tcp_stream(self.target.host, self.target.port)
                 try:
-                    stream = await tls.TlsStream.connect(
-                        sock, self._context, self.table, self.server_name
+                    stream = await TlsStream.connect(
+                        sock, self._tls_context, self.table, self.server_name
                     )
                 except BaseException:
                     with trio.CancelScope(shield=True):
@@ -370,7 +371,7 @@ class SyslogSink:
         self.failures += 1
         self._failing = True
         if self._failure_lines.due():
-            if isinstance(exc, tls.TlsFailure):
+            if isinstance(exc, TlsFailure):
                 text = f"{exc.reason}: {exc}"
             elif isinstance(exc, trio.TooSlowError):
                 text = "timed out"

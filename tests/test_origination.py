@@ -85,16 +85,18 @@ def pacs_and_proxy(
     table: dict[str, Any],
     *,
     tls_in: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[ProxyProcess, Path]]:
     """`storescp +tls` with `identity`, verifying client certificates against the dev CA (its
-    default, --require-peer-cert), behind the proxy; yields the proxy and the PACS's folder."""
+    default, --require-peer-cert), behind the proxy (its environment plus `env`); yields the proxy
+    and the PACS's folder."""
     key, cert = identity
     with ExitStack() as stack:
         pacs, out = stack.enter_context(
             storescp(tmp_path, "+B", "+tls", str(key), str(cert), "+cf", str(pki / "ca.pem"))
         )
         proxy = stack.enter_context(
-            running_proxy(tmp_path, config(pki, pacs, table, tls_in=tls_in))
+            running_proxy(tmp_path, config(pki, pacs, table, tls_in=tls_in), env)
         )
         yield proxy, out
 
