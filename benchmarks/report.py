@@ -153,6 +153,22 @@ def judge(med: Medians, rat: Ratios) -> list[Verdict]:
             verdicts.append(Verdict(t.describe(), direction, value, met))
     if any(f"{d}-ops" in rat.get(w, {}) for w in OPERATIONS_WORKLOADS for d in PAIRS):
         verdicts += judge_operations(rat)
+    verdicts += judge_workers(rat)
+    return verdicts
+
+
+WORKERS_TARGET = "W2 CPU ms/assoc, workers = N <= 1.2x workers = 1"
+WORKERS_LIMIT = 1.2
+
+
+def judge_workers(rat: Ratios) -> list[Verdict]:
+    """Issue 12's acceptance: an association costs a `workers = N` proxy no more than 1.2x the
+    CPU it costs a single process (the supervisor and its workers summed)."""
+    verdicts = []
+    for key, row in sorted(rat.get("W2", {}).items()):
+        if key.endswith("/w1") and "cpu_ms_per_assoc" in row:
+            value = row["cpu_ms_per_assoc"]
+            verdicts.append(Verdict(WORKERS_TARGET, key, value, value <= WORKERS_LIMIT))
     return verdicts
 
 
@@ -207,6 +223,7 @@ def table(
         lines.append("  ratio DIRECTION-ops = proxy with audit file and metrics / proxy without")
     if any(k.rpartition("-")[2].startswith("w") for k in keys):
         lines.append("  ratio DIRECTION-wN = proxy with workers = N / stunnel")
+        lines.append("  ratio DIRECTION-wN/w1 = proxy with workers = N / proxy with workers = 1")
     for workload, columns in COLUMNS.items():
         if workload not in med:
             continue

@@ -81,7 +81,9 @@ PAIRS = {  # what the targets compare: the proxy against stunnel doing the same 
     "origination": ("proxy-orig", "stunnel-orig"),
 }
 OPERATIONS_WORKLOADS = ("W1", "W3")  # where the -ops setups run (the issue's acceptance)
-WORKERS_WORKLOADS = ("W3",)  # where the -wN setups run (concurrent associations)
+# where the -wN setups run: concurrent associations (W3), and the cost of one association (W2),
+# which a supervisor that kills its workers every 10 s once multiplied by 2.6
+WORKERS_WORKLOADS = ("W2", "W3")
 
 
 def operations_setups() -> list[Setup]:
@@ -131,7 +133,8 @@ def applies(workload: str, setup: Setup) -> bool:
 def comparisons(names: Iterable[str]) -> list[tuple[str, str, str]]:
     """The ratios to print, as (key, numerator, denominator) among the setups `names`: each
     direction's proxy / stunnel (key: the direction), each proxy-X-wN / stunnel (key:
-    "DIRECTION-wN"), each proxy-X-ops / proxy-X without operations (key: "DIRECTION-ops")."""
+    "DIRECTION-wN") and / proxy-X with one worker (key: "DIRECTION-wN/w1"), each proxy-X-ops /
+    proxy-X without operations (key: "DIRECTION-ops")."""
     present = set(names)
     out = [(d, proxy, stunnel) for d, (proxy, stunnel) in PAIRS.items()]
     for d, (proxy, stunnel) in PAIRS.items():
@@ -139,6 +142,7 @@ def comparisons(names: Iterable[str]) -> list[tuple[str, str, str]]:
             suffix = name.removeprefix(proxy + "-w")
             if name.startswith(proxy + "-w") and suffix.isdigit():
                 out.append((f"{d}-w{suffix}", name, stunnel))
+                out.append((f"{d}-w{suffix}/w1", name, proxy))
     out += [(f"{d}-ops", f"{proxy}-ops", proxy) for d, (proxy, _) in PAIRS.items()]
     return [(k, a, b) for k, a, b in out if a in present and b in present]
 

@@ -5,6 +5,10 @@ One record per connection, filled in as the connection travels and written once 
 metrics (`metrics`) all read the same record there, so field names are defined here once and no
 counter can disagree with the log. It holds no secret: certificates appear only as subject and
 SHA-256 thumbprint.
+
+A refusal of who the peer is also carries its classification as a security event (`security_alert`,
+from `alerts.classify`, the decision the syslog sink sends its Security Alerts by), so that whoever
+reads the JSON lines can filter them. Text lines leave it out: their `reason` says it to a person.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from dicom_tls_proxy import alerts
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, Outcome, Reason
 
 log = logging.getLogger("dicom_tls_proxy")
@@ -68,11 +73,15 @@ class AssociationRecord:
         self.duration_s = round(time.monotonic() - self.started, 4)
 
     def fields(self) -> dict[str, Any]:
-        """The log line's fields, in declaration order (`asdict` would deep-copy every value)."""
+        """The log line's fields, in declaration order (`asdict` would deep-copy every value),
+        then `security_alert` when the ending is a security event (absent otherwise)."""
         data: dict[str, Any] = {"ts": _now(), "event": "association"}
         for name in _RECORD_FIELDS:
             value = getattr(self, name)
             data[name] = list(value) if isinstance(value, list) else value
+        classification = alerts.classify(self.reason)
+        if classification is not None:
+            data[alerts.FIELD] = classification.fields()
         return data
 
 
@@ -88,6 +97,8 @@ def _now() -> str:
 
 
 _QUOTED = frozenset(' "=\\')  # a text value with one of these is written as a JSON string
+# Fields for machines only: a text line would show a nested object as noise; its `reason` says it.
+_JSON_ONLY = frozenset({alerts.FIELD})
 
 
 def _text_value(value: Any) -> str:
@@ -116,7 +127,7 @@ class _Formatter(logging.Formatter):
             fields["traceback"] = self.formatException(record.exc_info)
         if self.json:
             return json.dumps(fields, ensure_ascii=False)
-        return " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        return " ".join(f"{k}={_text_value(v)}" for k, v in fields.items() if k not in _JSON_ONLY)
 
 
 def make_formatter(fmt: str, **extra: Any) -> logging.Formatter:

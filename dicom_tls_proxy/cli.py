@@ -119,12 +119,13 @@ def reload(config_path: Path) -> None:
 @config_option
 @click.option("--index", type=int, required=True)
 @click.option("--listen", required=True, help="NAME=FD,... sockets bound by the supervisor")
-def worker(config_path: Path, index: int, listen: str) -> None:
+@click.option("--lifeline", type=int, help="read end of the supervisor's lifeline pipe")
+def worker(config_path: Path, index: int, listen: str, lifeline: int | None) -> None:
     """One worker process of `run` with `workers = N` (started by the supervisor)."""
     config = _load(config_path)
     from dicom_tls_proxy.server import serve_forever
 
-    sys.exit(serve_forever(config, listen=listen, worker=index))
+    sys.exit(serve_forever(config, listen=listen, worker=index, lifeline=lifeline))
 
 
 @main.command()

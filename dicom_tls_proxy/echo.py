@@ -3,7 +3,13 @@
 It goes through the proxy's own TLS layer (the same verify callback and certificate policy as the
 proxy's origination), so a failure is explained with the same reasons the proxy logs, and the
 proxy's PDU codec. Its job is diagnosis: every failure becomes a cause and an advice in words an
-integration engineer can act on. It prints nothing itself; the CLI formats `EchoResult`.
+integration engineer can act on, never an exception. It prints nothing itself; the CLI formats
+`EchoResult`, and the route health checks record its cause.
+
+A server that accepts the association and then does anything but answer the C-ECHO (closes,
+aborts, asks to release, sends another message or bytes that are no PDU, stays silent) is worded
+in one place, `_after_accept`, which also says how the probe leaves it (an A-ABORT, an
+A-RELEASE-RP): a PACS is not left holding an association the probe gave up on.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from cryptography import x509
 
 from dicom_tls_proxy import certload, pdu, policy
 from dicom_tls_proxy.config import Endpoint, Profile, TlsTable, VerifyMode
-from dicom_tls_proxy.streams import STREAM_ERRORS, aclose_quietly, os_error_text, read_pdu
+from dicom_tls_proxy.streams import (
+    STREAM_ERRORS,
+    PeerClosed,
+    aclose_quietly,
+    os_error_text,
+    read_pdu,
+)
 from dicom_tls_proxy.thumbprint import parse_thumbprint
 from dicom_tls_proxy.tls import ByteStream, TlsFailure, TlsInfo, TlsStream, client_context
 from dicom_tls_proxy.vocabulary import Reason
@@ -35,6 +47,34 @@ SOURCES = {
     2: "the ACSE service provider",
     3: "the presentation service provider",
 }
+ABORT_SOURCES = {  # PS3.8 Table 9-26, seen from the probe: the server is the other side
+    0: "the server application (service user)",
+    2: "the server's DICOM protocol layer (service provider)",
+}
+# PS3.7 Table E.1-1: the command field of a request; its response has bit 15 set.
+DIMSE_COMMANDS = {
+    0x0001: "C-STORE",
+    0x0010: "C-GET",
+    0x0020: "C-FIND",
+    0x0021: "C-MOVE",
+    0x0030: "C-ECHO",
+    0x0100: "N-EVENT-REPORT",
+    0x0110: "N-GET",
+    0x0120: "N-SET",
+    0x0130: "N-ACTION",
+    0x0140: "N-CREATE",
+    0x0150: "N-DELETE",
+}
+C_ECHO_RSP = 0x8030
+ECHO_STATUSES = {  # PS3.7 9.1.5.1.4 and Annex C
+    0x0110: "processing failure",
+    0x0122: "SOP class not supported",
+    0x0210: "duplicate invocation",
+    0x0211: "unrecognized operation",
+    0x0212: "mistyped argument",
+}
+COMMAND_LIMIT = 64 * 1024  # a C-ECHO-RSP is about 100 bytes; fragments beyond this are not one
+ACCEPTED = "the server accepted the association"
 
 
 @dataclass
@@ -167,6 +207,46 @@ def command_fields(data: bytes) -> dict[int, bytes]:
     return out
 
 
+class NotEchoResponse(Exception):
+    """A P-DATA-TF that is no C-ECHO-RSP; the message says what it is instead, in words."""
+
+
+def describe_abort(abort: pdu.Abort) -> str:
+    """Who aborted and why, in words, with the numbers a server's log shows."""
+    who = ABORT_SOURCES.get(abort.source, f"source {abort.source}")
+    if abort.source == 0:  # a service user gives no reason (PS3.8 Table 9-26)
+        why = "no reason given"
+    else:
+        why = pdu.ABORT_REASONS.get(abort.source, {}).get(abort.reason, f"reason {abort.reason}")
+    return f"A-ABORT by {who}: {why} (source {abort.source}, reason {abort.reason})"
+
+
+def describe_status(status: int) -> str:
+    """A DIMSE status, with the words for the ones a C-ECHO can get."""
+    if status in ECHO_STATUSES:
+        words = ECHO_STATUSES[status]
+    elif status == 0x0001 or 0xB000 <= status <= 0xBFFF:
+        words = "a warning"
+    elif status in (0xFF00, 0xFF01):
+        words = "pending"
+    elif status == 0xFE00:
+        words = "cancel"
+    else:
+        words = "a failure"
+    return f"status 0x{status:04x} ({words})"
+
+
+def describe_command(field: int) -> str:
+    """A DIMSE command field as the message's name ("a C-STORE-RSP (command field 0x8001)")."""
+    if field == 0x0FFF:
+        name = "C-CANCEL-RQ"
+    elif (request := DIMSE_COMMANDS.get(field & 0x7FFF)) is not None:
+        name = f"{request}-RSP" if field & 0x8000 else f"{request}-RQ"
+    else:
+        return f"an unknown command (command field 0x{field:04x})"
+    return f"a {name} (command field 0x{field:04x})"
+
+
 def describe_reject(rj: pdu.AssociateReject) -> str:
     kind = {1: "permanently", 2: "transiently"}.get(rj.result, f"(result {rj.result})")
     why = pdu.REJECT_REASONS.get(rj.source, {}).get(rj.reason, f"reason {rj.reason}")
@@ -279,6 +359,14 @@ async def echo(
                 result.timings["tls"] = time.perf_counter() - mark
             await _associate_and_echo(stream, recorder, called_ae, calling_ae, result, where)
         if scope.cancelled_caught:
+            if result.cause:  # decided before the time ran out, while releasing
+                return result
+            if "associate" in result.timings and "echo" not in result.timings:
+                verdict = _after_accept(float(timeout))
+                result.fail(verdict.cause, verdict.advice)
+                assert stream is not None  # associated, so connected
+                await _send_quietly(stream, verdict.answer)
+                return result
             if "connect" not in result.timings:  # the TCP connect itself never completed
                 return result.fail(
                     f"timeout: no connection to {where} within {timeout:g}s",
@@ -319,7 +407,8 @@ async def _associate_and_echo(
     )
     try:
         await stream.send_all(rq)
-        raw, _ = await read_pdu(stream, 1 << 20, first=False)
+        raw, rest = await read_pdu(stream, 1 << 20, first=False)
+        answer = pdu.parse_pdu(raw)
     except (pdu.PduError, *STREAM_ERRORS) as exc:
         if recorder.first and recorder.first[0] in (0x15, 0x16) and result.tls is None:
             result.fail(
@@ -349,7 +438,6 @@ async def _associate_and_echo(
                 "is this a DICOM port?",
             )
         return
-    answer = pdu.parse_pdu(raw)
     if isinstance(answer, pdu.AssociateReject):
         result.fail(
             describe_reject(answer),
@@ -357,8 +445,9 @@ async def _associate_and_echo(
         )
         return
     if isinstance(answer, pdu.Abort):
-        why = pdu.ABORT_REASONS.get(answer.source, {}).get(answer.reason, f"reason {answer.reason}")
-        result.fail(f"the server aborted the association: {why}", "see the server's log")
+        result.fail(
+            f"the server aborted the association: {describe_abort(answer)}", "see the server's log"
+        )
         return
     if not isinstance(answer, pdu.AssociateAccept):
         result.fail(f"unexpected answer {pdu.describe(answer)}", "is this a DICOM port?")
@@ -373,24 +462,173 @@ async def _associate_and_echo(
         await _release(stream)
         return
     mark = time.perf_counter()
-    await stream.send_all(pdu.encode_p_data(accepted[0].context_id, c_echo_rq(), command=True))
-    raw, _ = await read_pdu(stream, 1 << 20, first=False)
-    response = pdu.parse_pdu(raw)
-    if not isinstance(response, pdu.DataTransfer):
-        result.fail(
-            f"the server answered the C-ECHO with {pdu.describe(response)}", "see the server's log"
-        )
+    context_id = accepted[0].context_id
+    ending: _Ending | int
+    try:
+        await stream.send_all(pdu.encode_p_data(context_id, c_echo_rq(), command=True))
+        ending = await _echo_answer(stream, context_id, rest)
+    except (pdu.PduError, NotEchoResponse, *STREAM_ERRORS) as exc:
+        ending = exc
+    if not isinstance(ending, int):
+        verdict = _after_accept(ending)
+        result.fail(verdict.cause, verdict.advice)
+        await _send_quietly(stream, verdict.answer)
         return
-    values = pdu.pdv_items(raw)
-    fields = command_fields(b"".join(v[2] for v in values))
-    status_raw = fields.get(0x00000900, b"")
-    result.status = struct.unpack("<H", status_raw[:2])[0] if len(status_raw) >= 2 else None
+    result.status = ending
     result.timings["echo"] = time.perf_counter() - mark
+    if ending != 0:  # decided before the release, which only ends the association politely
+        result.fail(
+            f"the server answered the C-ECHO with {describe_status(ending)}", "see the server's log"
+        )
     await _release(stream)
-    if result.status == 0:
+    if ending == 0:
         result.ok = True
-    else:
-        result.fail(f"C-ECHO answered with status {result.status!r}", "see the server's log")
+
+
+async def _echo_answer(stream: ByteStream, context_id: int, initial: bytes) -> int | pdu.Pdu:
+    """The status of the C-ECHO-RSP, or the PDU the server sent instead of one (an A-ABORT, an
+    A-RELEASE-RQ...). A command may come in fragments over several P-DATA-TF (PS3.8 Annex E):
+    they are joined up to the last one. `initial` is what came after the A-ASSOCIATE-AC.
+
+    Raises NotEchoResponse for a P-DATA-TF that carries something else, PduError for an invalid
+    PDU, a stream error (`PeerClosed` for an orderly close) when the connection ends."""
+    command = bytearray()
+    while True:
+        raw, initial = await read_pdu(stream, 1 << 20, first=False, initial=initial)
+        answer = pdu.parse_pdu(raw)
+        if not isinstance(answer, pdu.DataTransfer):
+            return answer
+        for context, control, data in pdu.pdv_items(raw):
+            if not control & 0x01:
+                raise NotEchoResponse("a data set, not a C-ECHO-RSP (which has none)")
+            if context != context_id:
+                raise NotEchoResponse(
+                    f"a command on presentation context {context}, not on {context_id} "
+                    "(the one accepted for Verification)"
+                )
+            command += data
+            if len(command) > COMMAND_LIMIT:
+                raise NotEchoResponse(
+                    f"a command set of over {COMMAND_LIMIT} bytes, not a C-ECHO-RSP"
+                )
+            if control & 0x02:  # the last fragment
+                return _echo_status(bytes(command))
+
+
+def _echo_status(command: bytes) -> int:
+    """The status of a whole command set if it is a C-ECHO-RSP; else NotEchoResponse."""
+    try:
+        fields = command_fields(command)
+    except pdu.PduError as exc:
+        raise NotEchoResponse(
+            f"a command set that does not parse ({exc}), not a C-ECHO-RSP"
+        ) from None
+    field = fields.get(0x00000100, b"")
+    if len(field) < 2:
+        raise NotEchoResponse("a command set without a command field, not a C-ECHO-RSP")
+    kind = struct.unpack("<H", field[:2])[0]
+    if kind != C_ECHO_RSP:
+        raise NotEchoResponse(f"{describe_command(kind)}, not a C-ECHO-RSP")
+    status = fields.get(0x00000900, b"")
+    if len(status) < 2:
+        raise NotEchoResponse("a C-ECHO-RSP without a status")
+    return int(struct.unpack("<H", status[:2])[0])
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """How an association the server accepted ended without a C-ECHO-RSP: `EchoResult.fail`'s
+    words, and what the probe sends the server before it closes."""
+
+    cause: str
+    advice: str
+    answer: bytes = b""
+
+
+# What the server can do after its A-ASSOCIATE-AC instead of answering the C-ECHO: send another
+# PDU, break the protocol, close or break the connection, or stay silent for so many seconds.
+_Ending = (
+    pdu.Pdu
+    | pdu.PduError
+    | NotEchoResponse
+    | trio.BrokenResourceError
+    | trio.ClosedResourceError
+    | OSError
+    | float
+)
+_CLOSED_ADVICE = (
+    "see the server's log: it may have failed, or refuse this client (Calling AE, address or "
+    "certificate) only after accepting"
+)
+_PROTOCOL_ADVICE = "the server (or a device between) broke the DICOM protocol: see its log"
+
+
+def _after_accept(ending: _Ending) -> _Verdict:
+    """What the server did after its A-ASSOCIATE-AC instead of answering the C-ECHO, in words, and
+    how the probe leaves it. `ending` is the PDU it sent, the error that ended the reading (an
+    invalid PDU, a P-DATA-TF that is no C-ECHO-RSP, a closed or broken connection), or the
+    seconds it stayed silent. The one place these are worded, for `echo` and the health checks.
+
+    The server is told when the probe gives up on an association it still holds (an A-ABORT, an
+    A-RELEASE-RP to its A-RELEASE-RQ), so it is not left waiting with one."""
+    unanswered = "without answering the C-ECHO"
+    if isinstance(ending, float):
+        return _Verdict(
+            f"{ACCEPTED} but did not answer the C-ECHO within {ending:g}s",
+            "see the server's log: it may be hung or overloaded, or not handle C-ECHO; "
+            "a longer --timeout shows whether it answers late",
+            pdu.encode_abort(0, 0),
+        )
+    if isinstance(ending, PeerClosed):
+        return _Verdict(f"{ACCEPTED} and then closed the connection {unanswered}", _CLOSED_ADVICE)
+    if isinstance(ending, STREAM_ERRORS):  # a reset, a broken pipe, a fatal TLS alert
+        return _Verdict(
+            f"{ACCEPTED} and then closed the connection {unanswered} ({os_error_text(ending)})",
+            _CLOSED_ADVICE,
+        )
+    if isinstance(ending, pdu.Abort):
+        return _Verdict(
+            f"{ACCEPTED} and then aborted it {unanswered}: {describe_abort(ending)}",
+            "see the server's log for why it aborted (it may refuse C-ECHO from this Calling AE "
+            "or this client, or have failed)",
+        )
+    if isinstance(ending, pdu.ReleaseRequest):
+        return _Verdict(
+            f"{ACCEPTED} and then asked to release it (A-RELEASE-RQ) {unanswered}",
+            "see the server's log: it may not offer C-ECHO to this Calling AE, or end "
+            "associations it has no work for",
+            pdu.encode_release_rp(),
+        )
+    if isinstance(ending, NotEchoResponse):
+        return _Verdict(
+            f"{ACCEPTED} and then answered the C-ECHO with {ending}",
+            "the server (or a device between) mixed up its DIMSE messages: see its log",
+            pdu.encode_abort(0, 0),
+        )
+    if isinstance(ending, pdu.PduError):
+        return _Verdict(
+            f"{ACCEPTED} and then sent an invalid PDU instead of answering the C-ECHO: {ending}",
+            _PROTOCOL_ADVICE,
+            pdu.encode_abort(2, ending.abort_reason),
+        )
+    return _Verdict(  # an A-ASSOCIATE-AC again, an -RJ, an RQ, an A-RELEASE-RP
+        f"{ACCEPTED} and then sent an unexpected {pdu.describe(ending)} instead of answering the "
+        "C-ECHO",
+        _PROTOCOL_ADVICE,
+        pdu.encode_abort(2, pdu.UNEXPECTED_PDU),
+    )
+
+
+async def _send_quietly(stream: ByteStream, data: bytes) -> None:
+    """Send the probe's last PDU, if it takes at most a second; a server gone already does not
+    need it."""
+    if not data:
+        return
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(data)
+        except STREAM_ERRORS:
+            pass
 
 
 async def _release(stream: ByteStream) -> None:

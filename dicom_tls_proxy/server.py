@@ -9,8 +9,6 @@ gracefully (a bare close with unread input sends a TCP reset that can destroy th
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import logging
@@ -18,8 +16,7 @@ import os
 import signal
 import socket as stdlib_socket
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +31,7 @@ from dicom_tls_proxy.config import Config, ConfigError, Listener, Route, TlsTabl
 from dicom_tls_proxy.health import HealthChecks
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
 from dicom_tls_proxy.metrics import open_listeners as open_metrics_listeners
+from dicom_tls_proxy.process import pid_file, sd_notify, supervisor_gone, trim_heap
 from dicom_tls_proxy.relay import relay
 from dicom_tls_proxy.sockio import LeanStream, connect
 from dicom_tls_proxy.streams import (
@@ -376,14 +374,17 @@ class Proxy:
             record.finish(Outcome.ABORTED, Reason.CLIENT_CLOSED, f"connection lost: {exc}")
             if upstream is not None:
                 await abort_quietly(upstream)
-        except Exception:
-            record.finish(Outcome.ABORTED, Reason.INVALID_PDU, "internal error")
+        except Exception as exc:  # a bug of the proxy's, never blamed on the peer
+            record.finish(Outcome.ABORTED, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
             audit.log.exception(
                 "internal error",
                 extra={
                     "fields": {"event": "internal-error", "ts": audit._now(), "peer": record.peer}
                 },
             )
+            if upstream is not None:
+                await abort_quietly(upstream)
+            await answer_and_close(client, answer_bytes(Reason.INTERNAL_ERROR))
         finally:
             pending.release()
             with trio.CancelScope(shield=True):
@@ -603,34 +604,7 @@ async def _housekeeping(proxy: Proxy) -> None:
             moved, relayed, dirty = proxy.moved, proxy.relayed, True
         elif dirty:
             dirty = False
-            _trim_heap()
-
-
-def _die_with_parent() -> None:
-    """A worker asks the kernel for SIGTERM (a graceful drain) when its supervisor dies, even by
-    SIGKILL: workers run in their own session and would otherwise be orphaned, still serving."""
-    if _LIBC is None or not hasattr(_LIBC, "prctl"):
-        return
-    pr_set_pdeathsig = 1
-    _LIBC.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _trim_heap() -> None:
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None  # glibc only; musl has no need
-
-
-_LIBC = _load_libc()
+            trim_heap()
 
 
 class StartError(Exception):
@@ -746,7 +720,7 @@ def format_address(addr: tuple[str, int] | tuple[str, int, int, int] | object) -
     return str(addr)
 
 
-async def _run(config: Config, listen: str | None, share: int) -> int:
+async def _run(config: Config, listen: str | None, share: int, lifeline: int | None) -> int:
     """The process's trio structure: an outer nursery for the syslog writer, which outlives the
     proxy's own nursery (`_serve`) so that the Application Stop, emitted once the proxy has
     stopped, still goes out; it gets CLOSE_TIMEOUT for what is queued, then is cancelled."""
@@ -760,7 +734,9 @@ async def _run(config: Config, listen: str | None, share: int) -> int:
             await outlives_proxy.start(syslog.run)
             proxy.syslog = syslog
         try:
-            code = await _serve(proxy, listen, bound, (trail, syslog, telemetry), metrics_sockets)
+            code = await _serve(
+                proxy, listen, bound, (trail, syslog, telemetry), metrics_sockets, lifeline
+            )
         finally:
             if syslog is not None:
                 await syslog.finish()  # shielded, at most CLOSE_TIMEOUT
@@ -774,8 +750,11 @@ async def _serve(
     bound: list[tuple[Listener, trio.SocketListener]],
     sinks: tuple[AuditFile | None, SyslogSink | None, Metrics | None],
     metrics_sockets: list[trio.SocketListener],
+    lifeline: int | None,
 ) -> int:
-    """The proxy's nursery: listeners, housekeeping, health checks, signals; ends drained."""
+    """The proxy's nursery: listeners, housekeeping, health checks, signals, and for a worker
+    its supervisor's lifeline (the supervisor gone, the worker drains as on SIGTERM); ends
+    drained."""
     config = proxy.config
     trail, _, telemetry = sinks
     code = 0
@@ -806,17 +785,17 @@ async def _serve(
 
                 if audit.worker_index is None:  # with workers = N, the parent watches for all
                     nursery.start_soon(watch_folders, lambda: proxy.gen.config, reload)
-                event("started", config=str(config.path), listeners=addresses)
-                sd_notify("READY=1")
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if signum == signal.SIGUSR1:
-                        event("stats", **proxy.stats())
-                    elif signum == signal.SIGHUP:
-                        reload()
-                    elif not proxy.stopping:
+
+                def stop(cause: str, **why: str) -> None:
+                    """The first stop request drains; a second one stops at once."""
+                    nonlocal code
+                    if not proxy.stopping:
                         event(
-                            "stopping", signal=name, msg="draining; a second signal stops at once"
+                            "stopping",
+                            logging.INFO,
+                            cause=cause,
+                            **why,
+                            msg="draining; a second signal stops at once",
                         )
                         sd_notify("STOPPING=1")
 
@@ -826,9 +805,27 @@ async def _serve(
 
                         nursery.start_soon(drain_then_stop)
                     else:
-                        event("stopping-now", logging.WARNING, signal=name)
+                        event("stopping-now", logging.WARNING, cause=cause, **why)
                         code = 1
                         nursery.cancel_scope.cancel()
+
+                if lifeline is not None:
+
+                    async def follow_the_supervisor(fd: int) -> None:
+                        await supervisor_gone(fd)
+                        stop(cause="supervisor-gone")
+
+                    nursery.start_soon(follow_the_supervisor, lifeline)
+                event("started", config=str(config.path), listeners=addresses)
+                sd_notify("READY=1")
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGUSR1:
+                        event("stats", **proxy.stats())
+                    elif signum == signal.SIGHUP:
+                        reload()
+                    else:
+                        stop(cause="signal", signal=name)
         event("stopped", code=code)  # still inside `attached`: the audit file gets it
     return code
 
@@ -876,43 +873,22 @@ async def bind_metrics(config: Config) -> list[trio.SocketListener]:
         ) from None
 
 
-@contextmanager
-def pid_file(path: Path | None) -> Iterator[None]:
-    """`pid_file` for `dicom-tls-proxy reload` and init systems; removed on the way out."""
-    if path is not None:
-        path.write_text(f"{os.getpid()}\n")
-    try:
-        yield
-    finally:
-        if path is not None:
-            path.unlink(missing_ok=True)
-
-
-def sd_notify(state: str) -> None:
-    """systemd's Type=notify protocol, without a dependency: one datagram to $NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(state.encode())
-        except OSError as exc:
-            event("notify-failed", logging.WARNING, msg=str(exc))
-
-
-def serve_forever(config: Config, *, listen: str | None = None, worker: int | None = None) -> int:
-    """Run one proxy process: the only one, or worker `worker` on sockets passed as `listen`."""
-    if worker is not None:
-        _die_with_parent()
+def serve_forever(
+    config: Config,
+    *,
+    listen: str | None = None,
+    worker: int | None = None,
+    lifeline: int | None = None,
+) -> int:
+    """Run one proxy process: the only one, or worker `worker` on sockets passed as `listen`,
+    following its supervisor through the `lifeline` pipe (see `process`)."""
     audit.setup_logging(config.proxy.log_format, config.proxy.log_level, worker=worker)
     if worker is None:
         for warning in config.warnings:
             event("config-warning", logging.WARNING, msg=warning)
+    share = config.proxy.workers if worker is not None else 1
     try:
-        return trio.run(_run, config, listen, config.proxy.workers if worker is not None else 1)
+        return trio.run(_run, config, listen, share, lifeline)
     except StartError as exc:
         event("start-failed", logging.ERROR, msg=str(exc))
         return 1

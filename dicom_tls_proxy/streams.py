@@ -16,6 +16,11 @@ DRAIN_LIMIT = 64 * 1024  # bytes read and discarded after a refusal, before clos
 DRAIN_SECONDS = 2.0
 
 
+class PeerClosed(trio.BrokenResourceError):
+    """The peer closed the connection where a PDU would begin: an orderly close, which a probe
+    reports differently from a reset or a close in the middle of a PDU."""
+
+
 def os_error_text(exc: BaseException) -> str:
     """The operating system's words ("Connection refused"), also from inside trio's wrapping."""
     cause = exc.__cause__
@@ -39,7 +44,7 @@ async def read_pdu(
         data, pending = (pending, b"") if pending else (await stream.receive_some(65536), b"")
         if not data:
             if not buf:
-                raise trio.BrokenResourceError("closed before sending a PDU")
+                raise PeerClosed("closed before sending a PDU")
             raise pdu.PduError(
                 f"connection closed after {len(buf)} bytes of a PDU", pdu.INVALID_PARAMETER
             )

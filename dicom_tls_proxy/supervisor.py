@@ -4,9 +4,12 @@ Why processes: one trio process uses one core; a department gateway has several.
 binds: a second `run` on the same ports then fails clearly (EADDRINUSE) instead of silently sharing
 them through SO_REUSEPORT, and every worker accepts from the same kernel queue. Workers are spawned
 as fresh interpreters (`dicom-tls-proxy worker`), never forked from inside `trio.run`, and in their
-own session, so a terminal's Ctrl-C reaches the parent only and is forwarded once. A worker that
-dies on its own is started again after a back-off (1 s, 2 s, 4 s ... 60 s); one that keeps dying
-right after it starts makes the parent give up, stop the others and exit non-zero.
+own session, so a terminal's Ctrl-C reaches the parent only and is forwarded once. They follow the
+parent through a lifeline pipe (see `process`): when the parent is gone, even by SIGKILL, they
+drain and stop, and free the listening ports for the next parent. A worker that dies on its own
+(any exit the parent did not ask for) is started again after a back-off (1 s, 2 s, 4 s ... 60 s);
+one that keeps dying right after it starts makes the parent give up, stop the others and exit
+non-zero.
 
 With `[metrics]` the parent serves /metrics, /healthz and /readyz for all the workers (see
 `metrics`): they write to a private folder the parent makes and removes, and the parent forgets a
@@ -31,13 +34,12 @@ from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
 from dicom_tls_proxy.config import Config, ConfigError, load_config
 from dicom_tls_proxy.metrics import MULTIPROC_ENV, WorkersMetrics
+from dicom_tls_proxy.process import lifeline, pid_file, sd_notify
 from dicom_tls_proxy.server import (
     StartError,
     bind_listeners,
     bind_metrics,
     format_address,
-    pid_file,
-    sd_notify,
 )
 from dicom_tls_proxy.watch import watch_folders
 
@@ -104,7 +106,9 @@ async def supervise(config: Config) -> int:
             lambda: [p.pid if p.returncode is None else None for p in workers],
         )
     failed = False
-    stopping = False
+    stopping = False  # from here on, a worker's exit is one the parent asked for
+    # Kept open (write end) for the parent's whole life: the workers stop when it is gone.
+    follow, hold = lifeline()
 
     async def spawn(index: int) -> trio.Process:
         return await trio.lowlevel.open_process(
@@ -119,8 +123,10 @@ async def supervise(config: Config) -> int:
                 str(index),
                 "--listen",
                 spec,
+                "--lifeline",
+                str(follow),
             ],
-            pass_fds=fds,
+            pass_fds=[*fds, follow],
             start_new_session=True,
             env=worker_env,
         )
@@ -140,7 +146,8 @@ async def supervise(config: Config) -> int:
                         code = await workers[index].wait()
                         if web is not None:
                             web.worker_died(workers[index].pid)
-                        if stopping:
+                        if stopping:  # asked to: not a death, nothing to restart
+                            event("worker-stopped", worker=index, code=code)
                             return
                         delay = backoff.died(trio.current_time() - started)
                         if delay is None:
@@ -243,6 +250,8 @@ async def supervise(config: Config) -> int:
                 sl.socket.close()
             if web is not None:
                 shutil.rmtree(web.folder, ignore_errors=True)
+            os.close(follow)
+            os.close(hold)
     return 1 if failed else 0
 
 

@@ -12,6 +12,8 @@ What is sent, as XML in the DICOM audit message schema (PS3.15 A.5.1):
   that is refused (untrusted, wrong thumbprint, revoked, wrong name, not allowed); 4 (minor) else.
   Repeated identical alerts (same source address and reason) are rate-limited: one alert, then the
   repeats are counted and sent as one alert per ALERT_INTERVAL saying how many there were.
+  Which refusals these are, and their codes and outcome, is `alerts.classify`: the association's
+  JSON line (log and audit file) carries the same classification, never rate-limited.
 
 How it is framed: RFC 5424 `<PRI>1 TIMESTAMP HOSTNAME dicom-tls-proxy PROCID DICOM+RFC3881 - MSG`,
 facility 10 (security/authorization), severity 5 (notice) or 4 (warning) for alerts, MSG the XML
@@ -63,10 +65,11 @@ import trio
 from OpenSSL import SSL
 
 from dicom_tls_proxy import tls
+from dicom_tls_proxy.alerts import NODE_AUTHENTICATION, SECURITY_ALERT, SUCCESS, Code, classify
 from dicom_tls_proxy.audit import AssociationRecord, Throttle, event
 from dicom_tls_proxy.config import Endpoint, TlsTable
 from dicom_tls_proxy.streams import STREAM_ERRORS, os_error_text
-from dicom_tls_proxy.vocabulary import EXPLANATIONS, TLS_REASONS, Reason
+from dicom_tls_proxy.vocabulary import EXPLANATIONS, Reason
 
 APP_NAME = "dicom-tls-proxy"
 MSGID = "DICOM+RFC3881"  # PS3.15 A.6
@@ -88,44 +91,12 @@ MAX_DESCRIPTION = 1024
 # -- the DICOM audit message (PS3.15 A.5), pure --------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Code:
-    """A coded value of the DCM coding scheme: `csd-code`, `originalText` (the Code Meaning)."""
-
-    value: str
-    meaning: str
-
-
 APPLICATION_ACTIVITY = Code("110100", "Application Activity")
 APPLICATION_START = Code("110120", "Application Start")
 APPLICATION_STOP = Code("110121", "Application Stop")
-SECURITY_ALERT = Code("110113", "Security Alert")
-NODE_AUTHENTICATION = Code("110126", "Node Authentication")
 ROLE_APPLICATION = Code("110150", "Application")
 ROLE_LAUNCHER = Code("110151", "Application Launcher")
 NODE_ID = Code("110182", "Node ID")
-
-SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
-
-# Reasons that make a connection a Node Authentication alert; the serious ones are a peer that
-# presented an identity the proxy refuses (as opposed to a misconfigured or out-of-date peer).
-ALERT_REASONS: frozenset[Reason] = TLS_REASONS | {
-    Reason.PLAINTEXT_ON_TLS,
-    Reason.TLS_ON_PLAINTEXT,
-    Reason.CALLING_AE_NOT_ALLOWED,
-    Reason.PEER_NOT_ALLOWED,
-    Reason.SOURCE_NOT_ALLOWED,
-    Reason.UPSTREAM_TLS_FAILED,
-}
-SERIOUS_REASONS: frozenset[Reason] = frozenset(
-    {
-        Reason.TLS_UNTRUSTED,
-        Reason.TLS_THUMBPRINT_MISMATCH,
-        Reason.TLS_REVOKED,
-        Reason.TLS_NAME_MISMATCH,
-        Reason.PEER_NOT_ALLOWED,
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +131,8 @@ class Alert:
     sha256: str = ""
     listener: str = ""
     repeats: int = 0  # > 0: a summary of so many identical alerts held back
+    event_id: Code = SECURITY_ALERT  # as `alerts.classify` codes the reason
+    event_type: Code = NODE_AUTHENTICATION
 
     @property
     def source(self) -> str:
@@ -168,17 +141,16 @@ class Alert:
 
 
 def alert_of(record: AssociationRecord) -> Alert | None:
-    """The Security Alert a finished association calls for, or None."""
-    try:
-        reason = Reason(record.reason)
-    except ValueError:
+    """The Security Alert a finished association calls for, or None: `alerts.classify` decides,
+    as it does for the association's JSON line, so the two never disagree."""
+    classification = classify(record.reason)
+    if classification is None:
         return None
-    if reason not in ALERT_REASONS:
-        return None
+    reason = Reason(record.reason)
     upstream = reason == Reason.UPSTREAM_TLS_FAILED
     return Alert(
         reason=reason.value,
-        outcome=SERIOUS_FAILURE if reason in SERIOUS_REASONS else MINOR_FAILURE,
+        outcome=classification.outcome,
         node=record.upstream if upstream and record.upstream else record.peer,
         description=(record.detail or EXPLANATIONS.get(reason, reason.value))[:MAX_DESCRIPTION],
         requestor=not upstream,
@@ -186,6 +158,8 @@ def alert_of(record: AssociationRecord) -> Alert | None:
         subject="" if upstream else record.peer_subject,
         sha256="" if upstream else record.peer_sha256,
         listener=record.listener,
+        event_id=classification.event_id,
+        event_type=classification.event_type,
     )
 
 
@@ -264,7 +238,7 @@ def application_activity(start: bool, me: Identity, when: datetime) -> str:
 def security_alert(alert: Alert, me: Identity, when: datetime) -> str:
     """PS3.15 A.5.3.11 Security Alert, Node Authentication: the proxy reports, the node failed."""
     root = ET.Element("AuditMessage")
-    _event(root, SECURITY_ALERT, NODE_AUTHENTICATION, alert.outcome, when)
+    _event(root, alert.event_id, alert.event_type, alert.outcome, when)
     _this_process(root, me, requestor=not alert.requestor, role=None)
     node: dict[str, str] = {"UserID": alert.node}
     if alert.calling_ae:

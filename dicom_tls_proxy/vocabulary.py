@@ -64,6 +64,7 @@ class Reason(enum.StrEnum):
     PLAINTEXT_ON_TLS = "plaintext-on-tls"
     TLS_ON_PLAINTEXT = "tls-on-plaintext"
     SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal-error"
 
 
 # What the words mean to an operator reading a log line at 3 a.m.
@@ -103,6 +104,7 @@ EXPLANATIONS: dict[Reason, str] = {
     Reason.PLAINTEXT_ON_TLS: "plaintext DICOM was received on a TLS listener",
     Reason.TLS_ON_PLAINTEXT: "a TLS handshake was received on a plaintext listener",
     Reason.SHUTDOWN: "the proxy is shutting down",
+    Reason.INTERNAL_ERROR: "the proxy failed on its own (a bug): see the error line's traceback",
 }
 
 
@@ -147,6 +149,7 @@ REFUSALS: dict[Reason, Answer] = {
     Reason.UPSTREAM_CLOSED: Abort(2, 0),
     Reason.IDLE_TIMEOUT: Abort(2, 0),
     Reason.SHUTDOWN: Abort(2, 0),
+    Reason.INTERNAL_ERROR: Abort(2, 0),
     Reason.TLS_ON_PLAINTEXT: Close(),
 }
 

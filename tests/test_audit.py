@@ -53,3 +53,18 @@ def test_record_fields_and_formats() -> None:
     )
     text = make_formatter("text").format(log_record)
     assert 'calling_ae="A B"' in text and "reason=no-route" in text
+
+
+def test_security_alert_is_in_json_lines_not_in_text_ones() -> None:
+    """A refusal of identity carries its classification for machines (JSON log lines, and the
+    audit file, which takes the same fields); a text line stays short: its reason says it."""
+    record = AssociationRecord(listener="tls", peer="127.0.0.1:5000", calling_ae="INTRUDER")
+    record.finish(Outcome.REJECTED, Reason.CALLING_AE_NOT_ALLOWED)
+    log_record = logging.LogRecord("x", logging.WARNING, __file__, 1, "association", None, None)
+    log_record.fields = record.fields()  # type: ignore[attr-defined]
+    as_json = json.loads(make_formatter("json").format(log_record))
+    assert as_json["security_alert"]["event_id"]["code"] == "110113"
+    assert as_json["security_alert"]["outcome"] == {"code": 4, "meaning": "Minor failure"}
+    text = make_formatter("text").format(log_record)
+    assert "reason=calling-ae-not-allowed" in text and "security_alert" not in text
+    assert "110113" not in text

@@ -228,7 +228,10 @@ def test_audit_file_and_metrics_count_what_was_sent(
     completed = next(x for x in associations if x["outcome"] == "completed")
     assert completed["calling_ae"] == "ALLOWED_SCU" and completed["route"] == "CT"
     log_keys = set(proxy_log_association) - {"level"}
-    assert all(set(x) == log_keys for x in associations)  # the log line's field names
+    # The log line's field names; a refusal of who the peer is adds its security classification.
+    for x in associations:
+        alert = x["reason"] in ("calling-ae-not-allowed", reason)
+        assert set(x) == (log_keys | {"security_alert"} if alert else log_keys), x["reason"]
     refused = next(x for x in associations if x["outcome"] == "tls-failed")
     assert refused["reason"] == reason and refused["peer_sha256"].startswith("sha256:")
     events = [x["event"] for x in lines if x["event"] != "association"]

@@ -1,6 +1,7 @@
 """`dicom-tls-proxy echo`, run as a command against real servers: the proxy's TLS listener (a
 pynetdicom device behind it), DCMTK `storescp +tls` directly, plaintext DICOM ports, and sockets
-that refuse or never answer.
+that refuse or never answer, and scripted servers that accept the association and then do not
+answer the C-ECHO.
 
 The command is a diagnosis tool, so each failure is checked for the words that tell an integration
 engineer what is wrong and what to do, and for its exit code: 0 success, 1 any failure, 2 a usage
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +24,21 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from dicom_tls_proxy import pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,
     ProxyProcess,
+    ScriptedUpstream,
+    build_ac,
     certificate_of,
     free_port,
     pacs_identities,
+    pacs_ssl_context,
     running_proxy,
     sha256_of,
     silent_listener,
+    wait_until,
 )
 from tests.test_termination import storescp
 
@@ -379,6 +386,236 @@ def test_failure(
         assert elapsed < 9, elapsed  # the 1 s limit, not the default 10 s
     if "{sha256}" in " ".join(expected):
         assert "server certificate:\n  subject: " in out  # shown also when refused
+
+
+# -- after the association is accepted -------------------------------------------------------
+#
+# What a broken or unhappy server does after its A-ASSOCIATE-AC instead of answering the C-ECHO
+# with status 0. No real server does these on demand, so each is a script on 127.0.0.1 that reads
+# the A-ASSOCIATE-RQ, accepts Verification, and then acts; the probe must say in words what the
+# server did, exit 1 and never show a traceback.
+
+Script = Callable[[socket.socket, ScriptedUpstream], None]
+
+
+def dimse_rsp(kind: str, status: int, *, max_pdu: int = 16384) -> bytes:
+    """A C-ECHO-RSP or C-STORE-RSP to message 1 on presentation context 1, as P-DATA-TF PDUs
+    encoded by pynetdicom (not by the probe's own code); a small `max_pdu` splits the command
+    into fragments over several PDUs."""
+    from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    primitive = C_ECHO() if kind == "C-ECHO" else C_STORE()
+    primitive.MessageIDBeingRespondedTo = 1
+    primitive.Status = status
+    if kind == "C-ECHO":
+        primitive.AffectedSOPClassUID = Verification
+        message = C_ECHO_RSP()
+    else:
+        primitive.AffectedSOPClassUID = CTImageStorage
+        primitive.AffectedSOPInstanceUID = "1.2.3.4"
+        message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    return b"".join(P_DATA_TF(part).encode() for part in message.encode_msg(1, max_pdu))
+
+
+def closes(conn: socket.socket, upstream: ScriptedUpstream) -> None:
+    """Close the connection at once (returning closes it)."""
+
+
+def aborts(source: int, reason: int) -> Script:
+    def script(conn: socket.socket, upstream: ScriptedUpstream) -> None:
+        upstream.read_pdu(conn)  # the C-ECHO-RQ
+        conn.sendall(pdu.encode_abort(source, reason))
+
+    return script
+
+
+def answers(data: bytes) -> Script:
+    """Read the C-ECHO-RQ, send `data`, then read what the probe sends next (kept in
+    `upstream.received`) and answer an A-RELEASE-RQ."""
+
+    def script(conn: socket.socket, upstream: ScriptedUpstream) -> None:
+        upstream.read_pdu(conn)
+        if data:
+            conn.sendall(data)
+        if upstream.read_pdu(conn)[0] == pdu.A_RELEASE_RQ:
+            conn.sendall(pdu.encode_release_rp())
+
+    return script
+
+
+@contextmanager
+def accepting(then: Script, tls: object = None) -> Iterator[ScriptedUpstream]:
+    """A server that accepts the association for Verification, then runs `then`."""
+
+    def script(conn: socket.socket) -> None:
+        conn.sendall(build_ac(upstream.read_pdu(conn)))
+        then(conn, upstream)
+
+    upstream = ScriptedUpstream(script, tls)
+    try:
+        yield upstream
+    finally:
+        upstream.close()
+
+
+ACCEPTED = "cause: the server accepted the association and then "
+
+
+@pytest.mark.parametrize(
+    ("then", "options", "expected", "probe_sends"),
+    [
+        pytest.param(
+            closes,
+            "",
+            [
+                ACCEPTED + "closed the connection without answering the C-ECHO",
+                "what to do: see the server's log",
+            ],
+            None,
+            id="close",
+        ),
+        pytest.param(
+            aborts(2, 2),
+            "",
+            [
+                ACCEPTED + "aborted it without answering the C-ECHO: A-ABORT by the server's "
+                "DICOM protocol layer (service provider): unexpected PDU (source 2, reason 2)",
+            ],
+            None,
+            id="abort-provider",
+        ),
+        pytest.param(
+            aborts(0, 0),
+            "",
+            [
+                ACCEPTED + "aborted it without answering the C-ECHO: A-ABORT by the server "
+                "application (service user): no reason given (source 0, reason 0)",
+            ],
+            None,
+            id="abort-user",
+        ),
+        pytest.param(
+            answers(pdu.encode_release_rq()),
+            "",
+            [ACCEPTED + "asked to release it (A-RELEASE-RQ) without answering the C-ECHO"],
+            pdu.encode_release_rp(),
+            id="release-rq",
+        ),
+        pytest.param(
+            answers(dimse_rsp("C-STORE", 0x0000)),
+            "",
+            [
+                ACCEPTED + "answered the C-ECHO with a C-STORE-RSP (command field 0x8001), "
+                "not a C-ECHO-RSP"
+            ],
+            pdu.encode_abort(0, 0),
+            id="c-store-rsp",
+        ),
+        pytest.param(
+            answers(pdu.encode_p_data(1, b"\xff" * 16, command=True)),
+            "",
+            [
+                ACCEPTED + "answered the C-ECHO with a command set that does not parse "
+                "(command element (ffff,ffff) is truncated), not a C-ECHO-RSP"
+            ],
+            pdu.encode_abort(0, 0),
+            id="garbage-pdv",
+        ),
+        pytest.param(
+            answers(b"\x0a\x00\x00\x00\x00\x04abcd"),
+            "",
+            [
+                ACCEPTED
+                + "sent an invalid PDU instead of answering the C-ECHO: unknown PDU type 0x0a"
+            ],
+            pdu.encode_abort(2, 1),
+            id="invalid-pdu",
+        ),
+        pytest.param(
+            answers(b""),
+            "--timeout 1",
+            [
+                "cause: the server accepted the association but did not answer the C-ECHO "
+                "within 1s",
+            ],
+            pdu.encode_abort(0, 0),
+            id="silence",
+        ),
+        pytest.param(
+            answers(dimse_rsp("C-ECHO", 0x0110)),
+            "",
+            ["cause: the server answered the C-ECHO with status 0x0110 (processing failure)"],
+            pdu.encode_release_rq(),
+            id="failure-status",
+        ),
+    ],
+)
+def test_accepted_then_no_echo_answer(
+    then: Script, options: str, expected: list[str], probe_sends: bytes | None
+) -> None:
+    """Exit 1 with the cause in words; the probe then tells the server it is done (`probe_sends`)
+    unless the server already ended the association."""
+    with accepting(then) as upstream:
+        start = time.monotonic()
+        result = run_echo(upstream.address, "--called-ae", "PACS", *options.split())
+        elapsed = time.monotonic() - start
+        out = result.stdout
+        assert result.returncode == 1, out + result.stderr
+        assert "Traceback" not in out + result.stderr, out + result.stderr
+        assert out.startswith(f"C-ECHO ECHOSCU -> PACS at {upstream.address}: FAILED\ncause: "), out
+        assert "\nwhat to do: " in out
+        for fragment in expected:
+            assert fragment in out, out
+        if probe_sends is not None:  # the server is told, not left with a dangling association
+            wait_until(lambda: len(upstream.received) == 3, what="the probe's last PDU")
+            assert upstream.received[-1] == probe_sends
+        if options:
+            assert elapsed < 9, elapsed  # the 1 s limit, not the default 10 s
+
+
+def test_accepted_then_fragmented_echo_answer() -> None:
+    """A C-ECHO-RSP whose command comes in fragments over several P-DATA-TF is a success."""
+    with accepting(answers(dimse_rsp("C-ECHO", 0x0000, max_pdu=40))) as upstream:
+        result = run_echo(upstream.address, "--called-ae", "PACS")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert ": success (status 0x0000)" in result.stdout
+        wait_until(lambda: len(upstream.received) == 3, what="the A-RELEASE-RQ")
+        assert upstream.received[-1] == pdu.encode_release_rq()
+
+
+def test_accepted_then_closed_over_tls(pki: Path, files: dict[str, str]) -> None:
+    with accepting(closes, tls=pacs_ssl_context(pki)) as upstream:
+        result = run_echo(
+            upstream.address,
+            *f"--called-ae PACS --tls-ca {files['ca']} {CLIENT.format(**files)}".split(),
+        )
+        out = result.stdout
+        assert result.returncode == 1, out + result.stderr
+        assert "Traceback" not in out + result.stderr, out + result.stderr
+        assert ACCEPTED + "closed the connection without answering the C-ECHO" in out, out
+        assert re.search(r"^TLS: TLSv1\.[23], ", out, re.M), out
+
+
+def test_invalid_associate_ac() -> None:
+    """An A-ASSOCIATE-AC that does not parse is a cause in words too, not a traceback."""
+
+    def script(conn: socket.socket) -> None:
+        upstream.read_pdu(conn)
+        conn.sendall(b"\x02\x00\x00\x00\x00\x04abcd")
+
+    upstream = ScriptedUpstream(script)
+    try:
+        result = run_echo(upstream.address, "--called-ae", "PACS")
+    finally:
+        upstream.close()
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "Traceback" not in out + result.stderr, out + result.stderr
+    assert f"cause: {upstream.address} did not answer the A-ASSOCIATE-RQ properly: " in out, out
 
 
 # -- usage errors -----------------------------------------------------------------------------

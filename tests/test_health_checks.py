@@ -1,16 +1,20 @@
 """Route health checks: a periodic C-ECHO per route, shown in /readyz and /metrics, never in the
-/readyz status; with real proxy processes, a real pynetdicom device and a port nobody listens on."""
+/readyz status; with real proxy processes, a real pynetdicom device, a port nobody listens on and a
+scripted server that accepts the association and then closes."""
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
 from tests.support import (
     LegacyDevice,
     ProxyProcess,
+    ScriptedUpstream,
+    build_ac,
     free_port,
     proxy_config,
     running_proxy,
@@ -115,3 +119,32 @@ def test_checks_follow_a_reload(tmp_path: Path, pki: Path, legacy: LegacyDevice)
         samples = scrape(metrics_address(proxy))
         assert value(samples, "dicom_tls_proxy_upstream_up", route="DEAD") == 1
         assert ("dicom_tls_proxy_upstream_up", frozenset({("route", "CT")})) not in samples
+
+
+def test_cause_in_words_when_the_upstream_accepts_and_closes(tmp_path: Path, pki: Path) -> None:
+    """The recorded cause is the probe's sentence, not the name of an exception."""
+
+    def accept_and_close(conn: socket.socket) -> None:
+        conn.sendall(build_ac(upstream.read_pdu(conn)))
+
+    upstream = ScriptedUpstream(accept_and_close)
+    check = {"health_check": True, "health_check_interval": INTERVAL, "health_check_timeout": 5}
+    cfg = proxy_config(
+        pki,
+        upstream.address,
+        metrics={"bind": "127.0.0.1:0"},
+        route=[{"called_ae": "CT", "upstream": upstream.address, **check}],
+    )
+    expected = (
+        "the server accepted the association and then closed the connection without answering "
+        "the C-ECHO"
+    )
+    try:
+        with running_proxy(tmp_path, cfg) as proxy:
+            route = checked(proxy, "CT")["CT"]
+            assert route["ok"] is False and route["cause"].startswith(expected), route
+            down = proxy.wait_for(event="upstream-down", route="CT")
+            assert down["cause"].startswith(expected), down
+            assert "Error" not in route["cause"] + down["cause"]
+    finally:
+        upstream.close()

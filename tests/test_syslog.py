@@ -41,7 +41,9 @@ from dicom_tls_proxy.syslogsink import (
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 from tests.support import (
     TIMEOUT,
+    LegacyDevice,
     RawClient,
+    associate,
     build_rq,
     certificate_of,
     client_ssl_context,
@@ -53,7 +55,15 @@ from tests.support import (
     toml_dumps,
     wait_until,
 )
-from tests.test_audit_metrics import metrics_address, refused_by_tls, scrape, value
+from tests.test_audit_metrics import (
+    ctx,
+    metrics_address,
+    no_route,
+    read_audit,
+    refused_by_tls,
+    scrape,
+    value,
+)
 
 # -- PS3.15 A.5.1, the DICOM audit message schema, transcribed --------------------------------
 #
@@ -179,6 +189,28 @@ def codes(root: ET.Element) -> tuple[str, str, str]:
         type_code.get("csd-code", ""),
         ident.get("EventOutcomeIndicator", ""),
     )
+
+
+OUTCOME_MEANINGS = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
+
+
+def classification_of(root: ET.Element) -> dict[str, Any]:
+    """What an audit message says it is, in the shape of a JSON line's `security_alert` object
+    (README, Logs): what a SIEM reading the audit file must find for the same refusal."""
+    ident = root.find("EventIdentification")
+    assert ident is not None
+    found: dict[str, Any] = {}
+    for key, tag in (("event_id", "EventID"), ("event_type", "EventTypeCode")):
+        code = ident.find(tag)
+        assert code is not None
+        found[key] = {
+            "code": code.get("csd-code"),
+            "scheme": code.get("codeSystemName"),
+            "meaning": code.get("originalText"),
+        }
+    outcome = int(ident.get("EventOutcomeIndicator", ""))
+    found["outcome"] = {"code": outcome, "meaning": OUTCOME_MEANINGS[outcome]}
+    return found
 
 
 def details(root: ET.Element) -> dict[str, str]:
@@ -545,6 +577,55 @@ def test_each_worker_sends_and_follows_a_reload(tmp_path: Path, pki: Path) -> No
         assert collector.connections == 4
 
 
+def test_the_audit_file_classifies_what_syslog_alerts_on(
+    tmp_path: Path, pki: Path, legacy: LegacyDevice
+) -> None:
+    """Issue 12: a SIEM reading the JSON audit file finds the refusals of identity by their
+    `security_alert` object, which says what the syslog message of the same refusal says; the
+    other lines (an association relayed, a refusal by route) carry none. The JSON log line of an
+    association carries the same fields as its audit line."""
+    trail = tmp_path / "audit.jsonl"
+    foreign_key, foreign_cert = pacs_identities(tmp_path, pki)["foreign"]
+    foreign = client_ssl_context(pki / "ca.pem", foreign_cert, foreign_key)
+    with receiver(pki) as collector:
+        cfg = config(pki, collector.address)
+        cfg["route"][0]["upstream"] = legacy.address
+        cfg["audit"]["file"] = trail
+        with running_proxy(tmp_path, cfg) as proxy:
+            address = proxy.address("tls")
+            accepted = associate(address, "CT", calling_ae="ALLOWED_SCU", ssl_context=ctx(pki))
+            assert accepted.is_established and accepted.send_c_echo().Status == 0
+            accepted.release()
+            no_route(address, pki)
+            refused_calling_ae(address, pki)
+            refused_by_tls(address, foreign)  # a client certificate from another CA
+            refused_plaintext(address)
+            alerts = collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION, 3)
+            wait_until(
+                lambda: trail.exists() and trail.read_text().count('"event": "association"') == 5,
+                what="the five associations in the audit file",
+            )
+            reasons = ["released", "no-route", "calling-ae-not-allowed", "tls-untrusted"]
+            logged = {r: proxy.association(reason=r) for r in [*reasons, "plaintext-on-tls"]}
+
+    alerted = {details(a)["Reason"]: classification_of(a) for a in alerts}
+    assert set(alerted) == {"calling-ae-not-allowed", "tls-untrusted", "plaintext-on-tls"}
+    assert alerted["tls-untrusted"]["outcome"] == {"code": 8, "meaning": "Serious failure"}
+    assert alerted["plaintext-on-tls"]["outcome"] == {"code": 4, "meaning": "Minor failure"}
+    lines = {x["reason"]: x for x in read_audit(trail) if x["event"] == "association"}
+    assert set(lines) == set(logged)
+    for reason, line in lines.items():
+        if reason in alerted:
+            assert line["security_alert"] == alerted[reason], reason
+        else:
+            assert "security_alert" not in line, reason
+        assert logged[reason].get("security_alert") == line.get("security_alert"), reason
+    # Only associations are classified: the proxy's own events in the file are not alerts.
+    assert not [
+        x for x in read_audit(trail) if x["event"] != "association" and "security_alert" in x
+    ]
+
+
 # -- the builders, pure ---------------------------------------------------------------------
 
 ME = Identity(hostname="gateway.example.org", pid=4242, user="dicom", source_id="")
@@ -616,6 +697,21 @@ def test_upstream_refused_by_the_proxy_is_the_alert_subject() -> None:
 )
 def test_other_endings_are_no_alert(reason: Reason) -> None:
     assert alert_of(record(reason, Outcome.COMPLETED)) is None
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_json_lines_and_syslog_classify_every_reason_alike(reason: Reason) -> None:
+    """One decision for both sinks: a record's JSON line has a `security_alert` exactly when the
+    syslog sink sends a Security Alert for it, and it says the same codes and outcome."""
+    r = record(reason, calling_ae="CT_SCU", peer_subject="CN=x", peer_sha256="ab")
+    fields = r.fields()
+    alert = alert_of(r)
+    if alert is None:
+        assert "security_alert" not in fields
+        return
+    root = ET.fromstring(security_alert(alert, ME, WHEN))
+    validate(root)
+    assert fields["security_alert"] == classification_of(root)
 
 
 def test_xml_special_characters_are_escaped() -> None:

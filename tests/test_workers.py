@@ -113,6 +113,12 @@ def test_sigterm_stops_parent_and_workers(tmp_path: Path, pki: Path) -> None:
         pids = _started(proxy)
         proxy.proc.send_signal(signal.SIGTERM)
         assert proxy.proc.wait(TIMEOUT) == 0
+        # Exits the parent asked for are told apart from deaths: no error, no restart.
+        stopped = sorted(
+            (line["worker"], line["code"]) for line in proxy.find(event="worker-stopped")
+        )
+        assert stopped == [(0, 0), (1, 0)]
+        assert not proxy.find(event="worker-exited") and not proxy.find(level="error")
     assert not any(_alive(pid) for pid in pids)
 
 
@@ -152,11 +158,85 @@ def _alive(pid: int) -> bool:
 def test_workers_never_outlive_a_killed_supervisor(tmp_path: Path, pki: Path) -> None:
     with running_proxy(tmp_path, workers_config(pki, "127.0.0.1:9", free_port())) as proxy:
         pids = _started(proxy)
-        proxy.proc.send_signal(signal.SIGKILL)  # no chance to stop its workers itself
-        proxy.proc.wait(TIMEOUT)
-        wait_until(
-            lambda: not any(_alive(pid) for pid in pids), what="workers to follow their parent"
-        )
+        _killed_supervisor_takes_its_workers(proxy, pids)
+
+
+def _killed_supervisor_takes_its_workers(proxy: ProxyProcess, pids: list[int]) -> None:
+    """SIGKILL gives the parent no chance to stop its workers: they follow within a second."""
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait(TIMEOUT)
+    wait_until(
+        lambda: not any(_alive(pid) for pid in pids),
+        timeout=1.0,
+        what="workers to follow their killed parent within a second",
+    )
+    for index in range(len(pids)):
+        line = proxy.wait_for(event="stopping", worker=index)
+        assert line["cause"] == "supervisor-gone", line
+
+
+IDLE = 30.0  # well past trio's idle thread lifetime (10 s), which once took every worker down
+STEADY = 30.0  # seconds of one association every STEP
+STEP = 0.25
+
+
+@pytest.mark.dcmtk
+def test_workers_stay_up_idle_and_under_steady_traffic(tmp_path: Path, pki: Path) -> None:
+    """A gateway runs for months: its workers must not die on any clock of their own. (They
+    were killed 10.0 s after each start: PR_SET_PDEATHSIG followed the thread that forked them.)
+    The supervisor's own clocks are run past too: STABLE_AFTER resets the back-off."""
+    with storescp(tmp_path, "--fork") as (device, _):
+        port = free_port()
+        with running_proxy(tmp_path, workers_config(pki, device, port)) as proxy:
+            pids = _started(proxy)
+            # Two quick deaths of worker 0 first (restarted after 1 s, then 2 s): the back-off
+            # must start from 1 s again once its successor has run STABLE_AFTER.
+            for n, delay in enumerate((1.0, 2.0), start=1):
+                os.kill(pids[0], signal.SIGKILL)
+                restarted = wait_until(
+                    lambda n=n: proxy.find(event="worker-restarted", worker=0)[n - 1 :],
+                    what=f"restart {n} of worker 0",
+                )[0]
+                assert restarted["delay"] == delay
+                pids[0] = restarted["pid"]
+                wait_until(lambda n=n: len(proxy.find(event="listening")) == 2 + n, what="it")
+            since = time.monotonic()
+            exits = len(proxy.find(event="worker-exited"))
+
+            time.sleep(IDLE)  # no condition to wait for: the point is that nothing happens
+            assert len(proxy.find(event="worker-exited")) == exits, proxy.raw
+            assert [pid for pid in pids if _alive(pid)] == pids
+
+            codes = []
+            deadline = time.monotonic() + STEADY
+            while time.monotonic() < deadline:
+                codes.append(
+                    subprocess.run(
+                        [dcmtk("echoscu"), *dcmtk_tls(pki), "-aec", "CT", "127.0.0.1", str(port)],
+                        capture_output=True,
+                        timeout=TIMEOUT,
+                    ).returncode
+                )
+                time.sleep(STEP)
+            assert len(codes) >= STEADY / (STEP + 1.0) and codes == [0] * len(codes)
+            wait_until(
+                lambda: len(proxy.find(event="association", outcome="completed")) == len(codes),
+                what="every association logged completed",
+            )
+            assert len(proxy.find(event="worker-exited")) == exits
+            errors = proxy.find(level="error")
+            assert [e["event"] for e in errors] == ["worker-exited"] * exits, errors
+            assert [pid for pid in pids if _alive(pid)] == pids
+
+            time.sleep(max(0.0, since + STABLE_AFTER + 1 - time.monotonic()))
+            os.kill(pids[0], signal.SIGKILL)  # it ran STABLE_AFTER: 1 s again, not 4 s
+            restarted = wait_until(
+                lambda: proxy.find(event="worker-restarted", worker=0)[2:], what="restart 3"
+            )[0]
+            assert restarted["delay"] == 1.0
+            pids[0] = restarted["pid"]
+            wait_until(lambda: len(proxy.find(event="listening")) == 5, what="the new worker 0")
+            _killed_supervisor_takes_its_workers(proxy, pids)
 
 
 def _echoes(pki: Path, port: int, n: int) -> list[int]:
