@@ -665,13 +665,13 @@ class Soak:
     def take(self, when: str) -> None:
         self.samples[when] = {name: sample(pid) for name, pid in self.processes().items()}
 
-    def worker_stats(self, when: str) -> None:
+    def worker_stats(self) -> dict[str, dict[str, int] | None]:
         """`event=stats` of each serving process (SIGUSR1 goes to a worker itself, once it has
-        started: before, the signal would end it); None for one that gives none."""
+        started: before, the signal would end it, and the parent has no handler for it); None
+        for one that gives none."""
         if self.workers == 1:
-            self.stats[when] = {"proxy": proxy_stats(self.proxy)}
-            return
-        self.stats[when] = {}
+            return {"proxy": proxy_stats(self.proxy)}
+        out: dict[str, dict[str, int] | None] = {}
         for name, pid in self.processes().items():
             if name == "parent":
                 continue
@@ -691,13 +691,35 @@ class Soak:
                     what=f"stats of worker {index}",
                 )
             except (AssertionError, ProcessLookupError) as exc:
-                self.tally.problem(f"{when}: no stats from {name} (pid {pid}): {exc}")
-                self.stats[when][name] = None
+                self.tally.problem(f"no stats from {name} (pid {pid}): {exc}")
+                out[name] = None
                 continue
             line = self.proxy.find(event="stats", worker=index)[before]
-            self.stats[when][name] = {
-                k: int(line[k]) for k in ("connections", "associations", "tasks", "fds")
-            }
+            out[name] = {k: int(line[k]) for k in ("connections", "associations", "tasks", "fds")}
+        return out
+
+    def settled_stats(
+        self, start: dict[str, dict[str, int] | None] | None = None
+    ) -> dict[str, dict[str, int] | None]:
+        """The stats once every connection's task has ended (a connection closes just after its
+        audit record is written): no connection, no association and, given the `start`, its
+        number of tasks; or, after 10 s, the last ones seen."""
+        seen: list[dict[str, dict[str, int] | None]] = []
+
+        def idle(name: str, s: dict[str, int] | None) -> bool:
+            if s is None or (s["connections"], s["associations"]) != (0, 0):
+                return False
+            return start is None or (start.get(name) or {}).get("tasks") == s["tasks"]
+
+        def settled() -> bool:
+            seen.append(self.worker_stats())
+            return all(idle(name, s) for name, s in seen[-1].items())
+
+        try:
+            wait_until(settled, timeout=10, what="no connection left")
+        except AssertionError:
+            pass
+        return seen[-1]
 
     def audit_records(self) -> list[dict[str, Any]]:
         lines = self.audit_file.read_text().splitlines() if self.audit_file.exists() else []
@@ -750,8 +772,8 @@ class Soak:
             self.swap()
             self.touch_config()
             self.settle()
+            self.stats["start"] = self.settled_stats()
             self.take("start")
-            self.worker_stats("start")
             warm_up = time.monotonic() - started
 
             self.t0 = time.monotonic()
@@ -778,8 +800,8 @@ class Soak:
             traffic = time.monotonic() - self.t0
 
             records = self.settle()
+            self.stats["end"] = self.settled_stats(self.stats["start"])
             self.take("end")
-            self.worker_stats("end")
 
             def summed() -> float:
                 return sum(
