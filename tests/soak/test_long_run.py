@@ -6,7 +6,8 @@ traffic, the way a gateway lives for months and a test for seconds.
 
 `SOAK_SECONDS` (default 600) is how long the traffic runs under `-m soak`; the smoke, 60 s per
 worker count, is part of the normal suite. `-s` shows the report; it is also written as JSON to the
-test's tmp folder and, under `-m soak`, to `benchmarks/results/soak-wN-TIMESTAMP.json`.
+test's tmp folder and, under `-m soak`, to `benchmarks/results/soak-wN-TIMESTAMP.json` (beside it
+the proxy's log, `.log`).
 
 One proxy process (a TLS listener, a thumbprint-pinned TLS listener, a route CT to DCMTK
 `storescp --fork` (its socket timeout, 60 s by default, raised past the idle holds), a route
@@ -40,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -1033,4 +1035,5 @@ def test_soak_mixed_traffic(tmp_path: Path, pki: Path, workers: int) -> None:
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (results / f"soak-w{workers}-{stamp}.json").write_text(json.dumps(report, indent=2))
+    shutil.copy(tmp_path / "proxy.log", results / f"soak-w{workers}-{stamp}.log")
     check(report)
