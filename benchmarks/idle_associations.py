@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import procs
 from setups import CALLING_AE, Endpoint, Pki
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu, pdu_items
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -49,7 +49,7 @@ class IdleReadings:
 
 
 def associate_rq(called_ae: str) -> bytes:
-    context = pdu.PresentationContextItem(1, VERIFICATION, (IMPLICIT_LE,))
+    context = pdu_items.PresentationContextItem(1, VERIFICATION, (IMPLICIT_LE,))
     return pdu.encode_associate_rq(
         called_ae,
         CALLING_AE,
@@ -80,7 +80,7 @@ def associate_ac(rq: bytes) -> bytes:
 def p_data_pdus(total: int) -> list[bytes]:
     """P-DATA-TF PDUs of MAX_PDU bytes (a data PDV on context 1) adding up to at least `total`."""
     payload = bytes(MAX_PDU - 6)
-    one = pdu.encode_p_data(1, payload, command=False, last=False)
+    one = dimse.encode_p_data(1, payload, command=False, last=False)
     return [one] * -(-total // len(payload))
 
 

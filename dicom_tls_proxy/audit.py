@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dicom_tls_proxy import alerts
+from dicom_tls_proxy.ratelimit import RateLimiter
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, Outcome, Reason
 
 log = logging.getLogger("dicom_tls_proxy")
@@ -136,69 +136,13 @@ def make_formatter(fmt: str, **extra: Any) -> logging.Formatter:
     return _Formatter(fmt, extra)
 
 
-worker_index: int | None = None  # this process's worker number with `workers = N`, else None
-
-
 def setup_logging(fmt: str = "text", level: str = "info", *, worker: int | None = None) -> None:
-    global worker_index
-    worker_index = worker
+    """The process's log: stderr, in `fmt`, from `level` up; a worker's lines carry its number."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(fmt, **({} if worker is None else {"worker": worker})))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
-
-
-class Throttle:
-    """One log line per `interval` seconds for a condition that repeats (a full queue, a failing
-    disk): the counts travel in the next line."""
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._last = -math.inf
-
-    def due(self) -> bool:
-        now = self._clock()
-        if now - self._last < self.interval:
-            return False
-        self._last = now
-        return True
-
-
-class RateLimiter:
-    """At most `burst` lines per key and `interval`; the rest are counted and reported once per
-    interval, so a scanner refusing itself a thousand times a second costs one line a second."""
-
-    def __init__(
-        self, burst: int = 5, interval: float = 1.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.burst, self.interval, self.clock = burst, interval, clock
-        self._windows: dict[tuple[str, str], tuple[float, int, int]] = {}  # start, seen, dropped
-
-    def allow(self, key: tuple[str, str]) -> bool:
-        now = self.clock()
-        start, seen, dropped = self._windows.get(key, (now, 0, 0))
-        if now - start >= self.interval and not dropped:
-            start, seen = now, 0
-        seen += 1
-        allowed = seen <= self.burst
-        self._windows[key] = (start, seen, dropped + (0 if allowed else 1))
-        return allowed
-
-    def flush(self) -> list[tuple[tuple[str, str], int]]:
-        """(key, count) for every key whose interval is over with lines held back."""
-        now = self.clock()
-        out = []
-        for key, (start, _, dropped) in list(self._windows.items()):
-            if now - start >= self.interval:
-                if dropped:
-                    out.append((key, dropped))
-                del self._windows[key]
-        return out
-
-
-limiter = RateLimiter()
 
 
 class Sink(Protocol):
@@ -213,8 +157,6 @@ class Sink(Protocol):
         """The proxy stops: make everything received durable (the syslog sink: let nothing
         more in; its writer task, which outlives the proxy's nursery, sends what is queued)."""
 
-
-_sinks: list[Sink] = []
 
 # Events an auditor needs besides the associations: when the proxy served, with which config, and
 # how it stopped. Chatty operational lines (stats, suppressed, warnings) stay in the log only.
@@ -233,81 +175,93 @@ AUDITED_EVENTS = frozenset(
 )
 
 
-def attach(sink: Sink) -> None:
-    _sinks.append(sink)
-
-
-def detach(sink: Sink) -> None:
-    if sink in _sinks:
-        _sinks.remove(sink)
-
-
-@contextmanager
-def attached(*sinks: Sink | None) -> Iterator[None]:
-    """Feed these sinks while the block runs; on the way out (stop, or a crash) close them,
-    so the audit file is flushed and fsynced whatever ended the proxy."""
-    present = [sink for sink in sinks if sink is not None]
-    for sink in present:
-        attach(sink)
-    try:
-        yield
-    finally:
-        for sink in present:
-            detach(sink)
-            sink.close()
-
-
-_sink_errors = RateLimiter(burst=1, interval=60.0)
-
-
-def _feed(call: Callable[[Sink], None]) -> None:
-    """Hand something to every sink. A sink's bug must not end the connection task that is
-    reporting (it runs in a `finally`): it becomes one rate-limited error line."""
-    for sink in list(_sinks):
-        try:
-            call(sink)
-        except Exception:
-            if _sink_errors.allow(("sink", type(sink).__name__)):
-                log.exception(
-                    "sink failed",
-                    extra={"fields": {"ts": _now(), "event": "internal-error", "sink": str(sink)}},
-                )
-
-
-def emit(record: AssociationRecord) -> None:
-    """The end of every association: one log line (info when it completed, warning otherwise;
-    refusals rate-limited per source address and reason), and every sink gets the record,
-    never rate-limited: the audit trail must hold every refusal, metrics must count them all."""
-    completed = record.outcome in (Outcome.COMPLETED, "")
-    logged = completed or limiter.allow((record.peer.rpartition(":")[0], record.reason))
-    if not logged and not _sinks:
-        return  # a flood of refusals costs no formatting
-    fields = record.fields()
-    if logged:
-        log.log(
-            logging.INFO if completed else logging.WARNING, "association", extra={"fields": fields}
-        )
-    if _sinks:
-        _feed(lambda sink: sink.association(record, fields))
-
-
-def flush_suppressed() -> None:
-    for (source, reason), count in limiter.flush():
-        event(
-            "suppressed",
-            logging.WARNING,
-            source=source,
-            reason=reason,
-            count=count,
-            msg=f"{count} more refusals like this from {source} in the last {limiter.interval:g}s",
-        )
-
-
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """A log line that is not an association (start, stop, listening, warnings); those named in
-    AUDITED_EVENTS also go to the sinks (the audit file)."""
-    line = {"ts": _now(), "event": name, **fields}
-    log.log(level, name, extra={"fields": line})
-    if name in AUDITED_EVENTS and _sinks:
-        audited = {**line, "level": logging.getLevelName(level).lower()}
-        _feed(lambda sink: sink.event(audited))
+    """A log line that is not an association (listening, warnings, a worker restarted). It goes
+    to the log only; the events an auditor needs go through `Audit.event` instead."""
+    log.log(level, name, extra={"fields": {"ts": _now(), "event": name, **fields}})
+
+
+class Audit:
+    """Where one proxy's association records and audited events go: the log, and the sinks (the
+    audit file, the syslog collector, the metrics). The composition root makes one per proxy and
+    hands it down, so nothing here is process-wide: a test or the demo composes a proxy of its own
+    with its own logger and sinks. `worker` is this process's worker number with `workers = N`.
+    """
+
+    def __init__(
+        self,
+        *,
+        worker: int | None = None,
+        logger: logging.Logger = log,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.worker = worker
+        self.log = logger
+        self.limiter = limiter or RateLimiter()
+        self.sinks: list[Sink] = []
+        self._sink_errors = RateLimiter(burst=1, interval=60.0)
+
+    @contextmanager
+    def attached(self, *sinks: Sink | None) -> Iterator[None]:
+        """Feed these sinks while the block runs; on the way out (stop, or a crash) close them,
+        so the audit file is flushed and fsynced whatever ended the proxy."""
+        present = [sink for sink in sinks if sink is not None]
+        self.sinks.extend(present)
+        try:
+            yield
+        finally:
+            for sink in present:
+                self.sinks.remove(sink)
+                sink.close()
+
+    def _feed(self, call: Callable[[Sink], None]) -> None:
+        """Hand something to every sink. A sink's bug must not end the connection task that is
+        reporting (it runs in a `finally`): it becomes one rate-limited error line."""
+        for sink in list(self.sinks):
+            try:
+                call(sink)
+            except Exception:
+                if self._sink_errors.allow(("sink", type(sink).__name__)):
+                    self.exception("sink failed", sink=str(sink))
+
+    def emit(self, record: AssociationRecord) -> None:
+        """The end of every association: one log line (info when it completed, warning
+        otherwise; refusals rate-limited per source address and reason), and every sink gets the
+        record, never rate-limited: the audit trail must hold every refusal, metrics must count
+        them all."""
+        completed = record.outcome in (Outcome.COMPLETED, "")
+        logged = completed or self.limiter.allow((record.peer.rpartition(":")[0], record.reason))
+        if not logged and not self.sinks:
+            return  # a flood of refusals costs no formatting
+        fields = record.fields()
+        if logged:
+            level = logging.INFO if completed else logging.WARNING
+            self.log.log(level, "association", extra={"fields": fields})
+        if self.sinks:
+            self._feed(lambda sink: sink.association(record, fields))
+
+    def event(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
+        """A log line of this proxy's; those named in AUDITED_EVENTS also go to the sinks."""
+        line = {"ts": _now(), "event": name, **fields}
+        self.log.log(level, name, extra={"fields": line})
+        if name in AUDITED_EVENTS and self.sinks:
+            audited = {**line, "level": logging.getLevelName(level).lower()}
+            self._feed(lambda sink: sink.event(audited))
+
+    def exception(self, msg: str, **fields: Any) -> None:
+        """An error line with the traceback of the exception being handled (`internal-error`)."""
+        line = {"ts": _now(), "event": "internal-error", **fields}
+        self.log.exception(msg, extra={"fields": line})
+
+    def flush_suppressed(self) -> None:
+        """One `suppressed` line per source and reason whose refusal lines were held back."""
+        for (source, reason), count in self.limiter.flush():
+            self.event(
+                "suppressed",
+                logging.WARNING,
+                source=source,
+                reason=reason,
+                count=count,
+                msg=f"{count} more refusals like this from {source} in the last "
+                f"{self.limiter.interval:g}s",
+            )

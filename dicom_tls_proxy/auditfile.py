@@ -40,7 +40,8 @@ from typing import Any
 
 import trio
 
-from dicom_tls_proxy.audit import AssociationRecord, Throttle, event
+from dicom_tls_proxy.audit import AssociationRecord, event
+from dicom_tls_proxy.ratelimit import Throttle
 
 CAPACITY = 10_000  # lines waiting for the writer: about ten seconds of a very busy gateway
 INTERVAL = 1.0  # seconds between two write+fsync batches, at most

@@ -1,11 +1,15 @@
 """Loading certificates, private keys, CA bundles and CRLs from the files operators actually have.
 
-Why this exists: the configuration check, the TLS layer and the CLI all need to read the same
-files (PEM with one or many certificates, DER, PKCS#12 exported from Windows, encrypted or plain
-keys, a CA folder that is not an OpenSSL hash directory, Kubernetes Secrets mounted as symlinks)
-and to say what is wrong in a way that points at the right configuration key. Every failure is a
+Why this exists: the config loader (for `check`, `run` and every reload; the TLS layer gets what
+it loaded), the `echo` probe and the `thumbprint` command all need to read the same files (PEM
+with one or many certificates, DER, PKCS#12 exported from Windows, encrypted or plain keys, a CA
+folder that is not an OpenSSL hash directory, Kubernetes Secrets mounted as symlinks) and to say
+what is wrong in a way that points at the right configuration key. Every failure is a
 ``CertificateError`` whose ``blame`` says whether the certificate file, the password or the private
 key is at fault.
+
+It is not pure: it reads those files (each up to a size cap), parses them with cryptography, and
+looks at files' modes and their folders' (who else could read a key or replace a trust anchor).
 
 What it must never do: put a password, key bytes or any part of a key file in an exception message,
 a repr or a log (messages are fixed phrases; errors about passwords are raised ``from None`` so

@@ -13,7 +13,8 @@ from typing import NoReturn, cast
 import click
 
 from dicom_tls_proxy import __version__
-from dicom_tls_proxy.config import Config, ConfigError, Profile, load_config
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.config_schema import Config, Profile
 from dicom_tls_proxy.echo import EchoResult
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -88,7 +89,7 @@ def run(config_path: Path) -> None:
         from dicom_tls_proxy.supervisor import run_supervisor
 
         sys.exit(run_supervisor(config))
-    from dicom_tls_proxy.server import serve_forever
+    from dicom_tls_proxy.app import serve_forever
 
     sys.exit(serve_forever(config))
 
@@ -123,7 +124,7 @@ def reload(config_path: Path) -> None:
 def worker(config_path: Path, index: int, listen: str, lifeline: int | None) -> None:
     """One worker process of `run` with `workers = N` (started by the supervisor)."""
     config = _load(config_path)
-    from dicom_tls_proxy.server import serve_forever
+    from dicom_tls_proxy.app import serve_forever
 
     sys.exit(serve_forever(config, listen=listen, worker=index, lifeline=lifeline))
 
@@ -165,7 +166,7 @@ def certs() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def certs_init(directory: Path) -> None:
     """Write a development PKI (CA, proxy and client certificates, RSA-2048) into DIRECTORY."""
-    from dicom_tls_proxy.pki import init_pki
+    from dicom_tls_proxy.devpki import init_pki
 
     try:
         written = init_pki(directory)
@@ -233,7 +234,7 @@ def echo(
     import trio
 
     from dicom_tls_proxy import echo as probe
-    from dicom_tls_proxy.config import parse_endpoint
+    from dicom_tls_proxy.config_schema import parse_endpoint
     from dicom_tls_proxy.pdu import validate_ae_title
 
     try:
@@ -271,7 +272,7 @@ def echo(
 
 
 def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae: str) -> str:
-    from dicom_tls_proxy import policy
+    from dicom_tls_proxy import certnames, policy
 
     lines = []
     head = f"C-ECHO {calling_ae} -> {called_ae} at {endpoint}"
@@ -296,7 +297,7 @@ def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae
             f"  subject: {d['subject']}",
             f"  issuer:  {d['issuer']}",
             f"  valid:   {d['not_before']} to {d['not_after']}",
-            f"  names:   {', '.join(policy.certificate_names(result.certificate)) or '-'}",
+            f"  names:   {', '.join(certnames.certificate_names(result.certificate)) or '-'}",
             f"  {d['sha256']}",
             f"  {d['sha1']}",
         ]

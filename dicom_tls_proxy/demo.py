@@ -3,7 +3,15 @@
 A temporary development PKI, a built-in plaintext legacy device (pynetdicom C-ECHO and C-STORE
 SCP), the real proxy (one TLS listener, one route) and TLS clients: the `echo` probe, a pynetdicom
 C-STORE, and a client refused for an unknown Called AE. Each step says what to notice, and the
-config is printed so the user can start from it. It uses the same code paths as `run` and `echo`.
+config is printed so the user can start from it.
+
+What it shares with `run`: the config goes through `load_config`; the proxy is composed in this
+process from the parts `run` composes (`Proxy`, `listener.serve`, the connection driver: TLS,
+routing, relay, the association record), with an `Audit` of its own whose lines each step shows.
+What `run` adds around that is not started here: its logging setup, signals (drain, reload),
+`watch`, the audit file, syslog and metrics sinks, the pid file, housekeeping, route health checks
+and workers. Its C-ECHO client is the `echo` command's own (`echo.client_table`, `echo.echo`); the
+C-STORE client is pynetdicom over the standard library's `ssl`.
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ from typing import Any
 
 import trio
 
-from dicom_tls_proxy import audit, echo
-from dicom_tls_proxy.config import Endpoint, load_config
-from dicom_tls_proxy.pki import init_pki
-from dicom_tls_proxy.server import Proxy
+from dicom_tls_proxy import audit, dimse, echo
+from dicom_tls_proxy.config import load_config
+from dicom_tls_proxy.config_schema import Endpoint
+from dicom_tls_proxy.devpki import init_pki
+from dicom_tls_proxy.listener import serve
+from dicom_tls_proxy.process import bind_listeners
+from dicom_tls_proxy.proxy import Proxy
 
 CALLED_AE = "CT_SCANNER"
 DEVICE_AE = "CT01"
@@ -63,7 +74,7 @@ class _Device:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(echo.VERIFICATION)
+        ae.add_supported_context(dimse.VERIFICATION)
 
         def on_request(event: Any) -> None:
             self.called.append(event.assoc.requestor.primitive.called_ae_title.strip())
@@ -139,9 +150,8 @@ def _store(address: tuple[str, int], certs: Path, ds: Any) -> int | None:
 
 async def run_demo(say: Callable[[str], None]) -> bool:
     capture = _Capture()
-    audit.log.handlers[:] = [capture]
-    audit.log.setLevel(logging.INFO)
-    audit.log.propagate = False
+    log = logging.Logger("dicom_tls_proxy.demo", logging.INFO)  # the demo's own, not registered
+    log.addHandler(capture)
     ok = True
 
     def check(condition: bool, what: str) -> None:
@@ -163,7 +173,8 @@ async def run_demo(say: Callable[[str], None]) -> bool:
             say("3. The proxy, with this config (every key: config.example.toml):")
             say("   | " + "\n   | ".join(text.rstrip().splitlines()))
             async with trio.open_nursery() as nursery:
-                addresses = await nursery.start(Proxy(config).serve)
+                proxy = Proxy(config, audit.Audit(logger=log))
+                addresses = await nursery.start(serve, proxy, await bind_listeners(config))
                 host, _, port = addresses[0].rpartition(":")
                 target = Endpoint(host, int(port))
                 say(f"   listening on {addresses[0]} (TLS, mutual authentication)")

@@ -21,7 +21,7 @@ import trio
 
 from dicom_tls_proxy import echo
 from dicom_tls_proxy.audit import event
-from dicom_tls_proxy.config import Config, Route
+from dicom_tls_proxy.config_schema import Config, Route
 
 
 @dataclass(frozen=True)

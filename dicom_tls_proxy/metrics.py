@@ -1,40 +1,33 @@
-"""`[metrics] bind`: Prometheus metrics, /healthz and /readyz on a tiny HTTP/1.1 server on trio.
-
-Why no framework: three read-only pages do not justify a web stack inside a security component, and
-the server must share the proxy's event loop and lifetime. It serves GET and HEAD, one request per
-connection (`Connection: close`), reads at most 8 KiB of request head within 5 s, serves at most 16
-clients at once (more wait in the kernel's backlog), and answers anything else with a 4xx; nothing
-a client sends can raise out of it.
+"""`[metrics] bind`: the proxy's Prometheus metrics, and what /readyz says about it.
 
 The counters are fed by `audit.emit` (this is a sink, like the audit file), so they agree with the
 log by construction. Label values never come from the network: listeners, routes, outcomes and
 reasons are configured names or the vocabulary's words; AE titles are never labels, and an
 association that matched no configured route counts under route `_other`. Certificate and CRL
-times are computed at scrape time from the generation in force, so they follow a reload.
+times are computed at scrape time from the generation in force, so they follow a reload. The pages
+are served by `metricsweb`'s tiny HTTP server.
 
 With `workers = 1` one process counts and serves, from one `CollectorRegistry`. With `workers = N`
-the supervisor serves the pages (`WorkersMetrics`) and the workers count (`Metrics` with a
-`folder`): prometheus_client's multiprocess mode. The supervisor makes a private folder (0700,
-removed at exit) and hands it to the workers as PROMETHEUS_MULTIPROC_DIR; each worker writes its
-counters and histograms to its own mmap files there, and `MultiProcessCollector` sums them at
-scrape time. A dead worker's counter files stay, so totals never go backwards on a restart; its
-live gauge (active associations) is dropped by `mark_process_dead`. What is not a sum comes from a
-small JSON status file each worker rewrites (atomically) when it changes, checked every second:
-whether it serves (for /readyz), the absolute expiry times of its generation's certificates and
-CRLs (the same files in every worker; worker 0's are shown, so they follow a reload), and the
-route health checks, which only worker 0 runs. The audit counters, read from the writers in a single
-process, are added to multiprocess counters by the same one-second task.
+the supervisor serves the pages (`workersmetrics.WorkersMetrics`, which explains the multiprocess
+mode) and the workers count (`Metrics` with a `folder`): each writes its counters and histograms to
+mmap files in the supervisor's folder, and beside them a small JSON status file it rewrites
+(atomically) when it changes, checked every second: whether it serves, the absolute expiry times of
+its generation's certificates and CRLs, and the route health checks. The audit counters, read from
+the writers in a single process, are added to multiprocess counters by the same one-second task.
+
+What it must never do: import the engine (`server`): it sees the running proxy through `ProxyView`,
+the few things it reads, declared here, which the proxy satisfies structurally; take a label value
+from the network; let a scrape or a status file write take the proxy down.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from prometheus_client import (
@@ -43,152 +36,85 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from dicom_tls_proxy import audit
-from dicom_tls_proxy.audit import AssociationRecord, RateLimiter, event
-from dicom_tls_proxy.config import Config, Endpoint
-from dicom_tls_proxy.streams import STREAM_ERRORS, aclose_quietly, answer_and_close
+from dicom_tls_proxy.audit import AssociationRecord
+from dicom_tls_proxy.config_schema import Config
+from dicom_tls_proxy.metricsweb import Pages, page_of
 from dicom_tls_proxy.vocabulary import Outcome
 
 if TYPE_CHECKING:
     from dicom_tls_proxy.auditfile import AuditFile
-    from dicom_tls_proxy.server import Proxy
     from dicom_tls_proxy.syslogsink import SyslogSink
 
 PREFIX = "dicom_tls_proxy"
 OTHER_ROUTE = "_other"
-TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
-MAX_REQUEST_HEAD = 8192
-REQUEST_TIMEOUT = 5.0  # seconds for the whole request head; a slow client is closed
-MAX_CLIENTS = 16
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it once, at import
 STATUS_INTERVAL = 1.0  # seconds between a worker's looks at what it reports to the supervisor
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
+
+# -- what the metrics read of the running proxy ---------------------------------------------
 
 
-class _Pages:
-    """The HTTP server; a subclass says what each path answers (`page`)."""
-
-    def __init__(self) -> None:
-        self._errors = RateLimiter(burst=1, interval=60.0)
-
-    def page(self, path: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) for a path."""
-        raise NotImplementedError
-
-    async def serve(
-        self,
-        listeners: list[trio.SocketListener],
-        *,
-        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve until cancelled; `listeners` are bound beforehand, so a port in use is a start
-        error and not a crash inside the nursery."""
-        slots = trio.Semaphore(MAX_CLIENTS)
-        addresses = [_address(sl.socket.getsockname()) for sl in listeners]
-        for address in addresses:
-            event("metrics-listening", address=address, paths=["/metrics", "/healthz", "/readyz"])
-        async with trio.open_nursery() as nursery:
-            for sl in listeners:
-                nursery.start_soon(self._accept_loop, sl, slots, nursery)
-            task_status.started(addresses)
-
-    async def _accept_loop(
-        self, sl: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery
-    ) -> None:
-        async with sl:
-            while True:
-                await slots.acquire()
-                try:
-                    stream = await sl.accept()
-                except OSError as exc:  # out of file descriptors and the like: wait, go on
-                    slots.release()
-                    self._error("accept", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self._client, stream, slots)
-
-    async def _client(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
-        try:
-            head: bytes | None = None
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                head = await _read_head(stream)
-            if head is not None:  # None: too slow, or closed early; just close
-                await answer_and_close(stream, self._answer(head))
-        except STREAM_ERRORS:
-            pass
-        except Exception as exc:  # never let a request take the proxy down
-            self._error("request", exc)
-        finally:
-            slots.release()
-            with trio.CancelScope(shield=True):
-                await aclose_quietly(stream)
-
-    def _answer(self, head: bytes) -> bytes:
-        request_line = head.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
-        parts = request_line.split(b" ")
-        if len(head) > MAX_REQUEST_HEAD:
-            return _response(431, "text/plain", b"request head too large\n")
-        if len(parts) != 3 or not parts[1].startswith(b"/"):
-            return _response(400, "text/plain", b"bad request\n")
-        method, target, version = parts
-        if not version.startswith(b"HTTP/1."):
-            return _response(505, "text/plain", b"HTTP/1.x only\n")
-        if method not in (b"GET", b"HEAD"):
-            return _response(405, "text/plain", b"GET only\n", allow="GET, HEAD")
-        path = target.split(b"?", 1)[0].decode("ascii", "replace")
-        status, content_type, body = self.page(path)
-        return _response(status, content_type, body, head_only=method == b"HEAD")
-
-    def _error(self, what: str, exc: BaseException) -> None:
-        if self._errors.allow(("metrics", what)):
-            event("metrics-error", logging.ERROR, msg=f"{what}: {type(exc).__name__}: {exc}")
+class _Generation(Protocol):
+    @property
+    def config(self) -> Config: ...
 
 
-def _pages(
-    path: str, registry: CollectorRegistry, readyz: Callable[[], tuple[bool, dict[str, Any]]]
-) -> tuple[int, str, bytes]:
-    """The three pages; `readyz` gives the readiness and the rest of its JSON body."""
-    if path == "/metrics":
-        return 200, TEXT_FORMAT, generate_latest(registry)
-    if path == "/healthz":
-        return 200, "text/plain; charset=utf-8", b"ok\n"
-    if path == "/readyz":
-        ready, details = readyz()
-        body = {"ready": ready, **details}
-        return (
-            200 if ready else 503,
-            "application/json",
-            (json.dumps(body) + "\n").encode(),
-        )
-    return 404, "text/plain; charset=utf-8", b"not found\n"
+class _RouteHealth(Protocol):
+    def as_json(self) -> dict[str, Any]: ...
 
 
-class Metrics(_Pages):
+class _HealthChecks(Protocol):
+    @property
+    def results(self) -> Mapping[str, _RouteHealth]: ...
+
+
+class ProxyView(Protocol):
+    """The running proxy as the metrics see it (`proxy.Proxy` is one, structurally): read-only,
+    but for `on_active`, the hook a worker's multiprocess gauge is written through."""
+
+    @property
+    def worker(self) -> int | None:
+        """This process's worker number with `workers = N`, else None."""
+        ...
+
+    @property
+    def active(self) -> int:
+        """Associations being relayed now."""
+        ...
+
+    @property
+    def stopping(self) -> bool:
+        """Draining: /readyz says not ready."""
+        ...
+
+    @property
+    def gen(self) -> _Generation:
+        """The generation in force (its `config` follows a reload)."""
+        ...
+
+    @property
+    def health(self) -> _HealthChecks:
+        """The route health checks' last results."""
+        ...
+
+    on_active: Callable[[int], None] | None  # told each change of `active`
+
+
+class Metrics(Pages):
     """The proxy's metrics (a sink of `audit.emit`) and the HTTP server that shows them; with
     `folder` (a worker of `workers = N`), the metrics only: written to the supervisor's folder,
     with this worker's status beside them, for the supervisor to serve."""
 
     def __init__(
         self,
-        proxy: Proxy,
+        proxy: ProxyView,
         trail: AuditFile | None = None,
         syslog: SyslogSink | None = None,
         *,
@@ -249,9 +175,9 @@ class Metrics(_Pages):
         )
         if folder is None:
             self.active.set_function(lambda: float(proxy.active))
-            r.register(_CertificateTimes(lambda: tls_times(proxy.gen.config)))
+            r.register(CertificateTimes(lambda: tls_times(proxy.gen.config)))
             r.register(_AuditCounters(trail, syslog))
-            r.register(_UpstreamHealth(lambda: route_health(proxy)))
+            r.register(UpstreamHealth(lambda: route_health(proxy)))
         else:
             # A multiprocess gauge is a file: it must be written when the number changes.
             proxy.on_active = self.active.set
@@ -260,7 +186,7 @@ class Metrics(_Pages):
                 for name, doc, what, attribute in AUDIT_COUNTERS
             ]
             self._audit_seen = [0] * len(AUDIT_COUNTERS)
-            self._status_path = folder / f"worker-{audit.worker_index or 0}.json"
+            self._status_path = folder / f"worker-{proxy.worker or 0}.json"
             self._status_written = ""
             self._changed = trio.Event()
 
@@ -297,7 +223,7 @@ class Metrics(_Pages):
         return self.listening is not None and not self.proxy.stopping
 
     def page(self, path: str) -> tuple[int, str, bytes]:
-        return _pages(path, self.registry, self._readyz)
+        return page_of(path, self.registry, self._readyz)
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
         return self.ready, {
@@ -354,109 +280,6 @@ class Metrics(_Pages):
         self._status_written = status
 
 
-class WorkersMetrics(_Pages):
-    """The supervisor's pages with `workers = N`: the workers' metrics summed from `folder`,
-    and ready when every worker is."""
-
-    def __init__(
-        self,
-        config: Config,
-        folder: Path,
-        listeners: list[str],
-        pids: Callable[[], list[int | None]],
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.folder = folder
-        self.listeners = listeners  # the sockets the supervisor bound
-        self.pids = pids  # each worker slot's running process, None while it is restarted
-        self.stopping = False
-        self.all_served = False  # every worker was ready once: from then on, one is enough
-        self.registry = CollectorRegistry()
-        MultiProcessCollector(self.registry, path=str(folder))  # type: ignore[no-untyped-call]
-        self.registry.register(_CertificateTimes(lambda: self.status(0).get("tls", {})))
-        self.registry.register(_UpstreamHealth(lambda: self.status(0).get("routes", {})))
-
-    def status(self, index: int) -> dict[str, Any]:
-        """What worker `index` last reported ({} before it did); possibly from a dead process,
-        which the certificate times and route health may still show."""
-        try:
-            status = json.loads((self.folder / f"worker-{index}.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return status if isinstance(status, dict) else {}
-
-    def worker_died(self, pid: int) -> None:
-        """Forget a dead worker's live gauges; its counters stay in the totals."""
-        mark_process_dead(pid, str(self.folder))  # type: ignore[no-untyped-call]
-
-    def workers(self) -> list[dict[str, Any]]:
-        out = []
-        for index, pid in enumerate(self.pids()):
-            status = self.status(index)
-            ready = pid is not None and status.get("pid") == pid and status.get("ready") is True
-            out.append({"worker": index, "pid": pid, "ready": ready})
-        return out
-
-    def page(self, path: str) -> tuple[int, str, bytes]:
-        return _pages(path, self.registry, self._readyz)
-
-    def _readyz(self) -> tuple[bool, dict[str, Any]]:
-        """Ready once every worker served; then while one does. The listening sockets belong to
-        the parent, so connections queue for the others while a dead worker is restarted: a load
-        balancer should not drop the whole gateway for that second."""
-        workers = self.workers()
-        if not self.all_served:
-            self.all_served = all(w["ready"] for w in workers)
-        serving = self.all_served and any(w["ready"] for w in workers)
-        return not self.stopping and serving, {
-            "listeners": self.listeners,
-            "config": str(self.config.path),
-            "routes": self.status(0).get("routes", {}),  # worker 0 runs the checks
-            "workers": workers,
-        }
-
-
-async def open_listeners(bind: Endpoint) -> list[trio.SocketListener]:
-    """Bind the metrics address (OSError if it cannot be)."""
-    host = None if bind.host in ("", "*") else bind.host
-    return await trio.open_tcp_listeners(bind.port, host=host, backlog=64)
-
-
-async def _read_head(stream: trio.SocketStream) -> bytes | None:
-    """The request head up to the blank line; a longer one is returned cut, to be refused."""
-    buf = bytearray()
-    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
-        if len(buf) > MAX_REQUEST_HEAD:
-            return bytes(buf)
-        data = await stream.receive_some(4096)
-        if not data:
-            return bytes(buf) if buf else None
-        buf += data
-    return bytes(buf)
-
-
-def _response(
-    status: int, content_type: str, body: bytes, *, head_only: bool = False, allow: str = ""
-) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-    ]
-    if allow:
-        lines.append(f"Allow: {allow}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-    return head if head_only else head + body
-
-
-def _address(addr: Any) -> str:
-    host, port = str(addr[0]), int(addr[1])
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def tls_times(config: Config) -> dict[str, dict[str, Any]]:
     """Per TLS table, as POSIX times: the soonest notAfter of its served chain ("certificate")
     and of its CAs ("ca"), and the nextUpdate of each of its CRLs ("crls", None for none).
@@ -476,12 +299,12 @@ def tls_times(config: Config) -> dict[str, dict[str, Any]]:
     return out
 
 
-def route_health(proxy: Proxy) -> dict[str, dict[str, Any]]:
+def route_health(proxy: ProxyView) -> dict[str, dict[str, Any]]:
     """The last health check of each checked route, as /readyz shows it."""
     return {name: health.as_json() for name, health in sorted(proxy.health.results.items())}
 
 
-class _CertificateTimes(Collector):
+class CertificateTimes(Collector):
     """Seconds until the configured certificates and CAs expire, and until CRLs need replacing,
     per TLS table; the soonest of each kind, the one an alert must catch. Negative: past.
     `times` gives what `tls_times` returns, for the generation in force."""
@@ -561,7 +384,7 @@ class _AuditCounters(Collector):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=count)
 
 
-class _UpstreamHealth(Collector):
+class UpstreamHealth(Collector):
     """The last health check C-ECHO of each route with `health_check = true`, at scrape time;
     `results` gives what `route_health` returns."""
 

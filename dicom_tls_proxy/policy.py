@@ -8,6 +8,8 @@ upstream's name the way RFC 6125 says, and say *why* in words an operator can ac
 thumbprint pin protects: a pinned self-signed certificate's own SHA-1 self-signature proves nothing
 and is not held against it. The TLS layer calls these functions from inside OpenSSL's verify
 callback (depth 0) with ``cryptography`` objects, and turns the answers into alerts and log lines.
+Two parts live beside it: `certnames` (whether a certificate is for a name, RFC 6125) and
+`certfields` (the readers that never raise, and the formats of times and errors in messages).
 
 What it must never do: any I/O, logging, socket or pyOpenSSL use (it is pure, and fast enough for a
 verify callback); raise on a certificate, however odd (unknown key or signature types, missing,
@@ -20,11 +22,9 @@ known weak one. It does not verify certificate signatures or build chains: OpenS
 from __future__ import annotations
 
 import functools
-import hashlib
-import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final, Literal
 
 from cryptography import x509
@@ -33,6 +33,19 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dicom_tls_proxy.auth import PeerIdentity
+from dicom_tls_proxy.certfields import (
+    CACHED_CERTIFICATES,
+    attribute_values,
+    error_text,
+    extensions_of,
+    issuer_text,
+    subject_alt_names,
+    subject_text,
+    time_text,
+    utc,
+    when,
+)
+from dicom_tls_proxy.thumbprint import der_thumbprints
 from dicom_tls_proxy.vocabulary import Reason
 
 Purpose = Literal["client", "server"]
@@ -112,96 +125,6 @@ class Problem:
     message: str
 
 
-# --- small helpers ------------------------------------------------------------------------------
-
-
-def _utc(moment: datetime) -> datetime:
-    """An aware UTC datetime; a naive one is taken to be UTC already."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _when(moment: datetime) -> str:
-    return _utc(moment).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _iso(moment: datetime) -> str:
-    return _utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _error(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _subject_text(cert: x509.Certificate) -> str:
-    try:
-        return cert.subject.rfc4514_string()
-    except Exception:
-        return "<unreadable name>"
-
-
-def _issuer_text(cert: x509.Certificate | x509.CertificateRevocationList) -> str:
-    try:
-        return cert.issuer.rfc4514_string()
-    except Exception:
-        return "<unreadable name>"
-
-
-def _time_text(read: Callable[[], datetime]) -> str:
-    try:
-        return _iso(read())
-    except Exception:
-        return "<unreadable time>"
-
-
-def _attribute_values(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]:
-    values: list[str] = []
-    for attribute in name.get_attributes_for_oid(oid):
-        value = attribute.value
-        values.append(value if isinstance(value, str) else value.hex())
-    return tuple(values)
-
-
-def _extensions(cert: x509.Certificate) -> x509.Extensions | None:
-    """The parsed extensions, or None when they cannot be parsed (duplicate, malformed)."""
-    try:
-        return cert.extensions
-    except Exception:
-        return None
-
-
-def _subject_alt_names(cert: x509.Certificate) -> x509.SubjectAlternativeName | Exception | None:
-    """The SAN extension, None when absent, or the exception when the extensions are unreadable."""
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    except Exception as exc:
-        return exc
-
-
-def _is_self_issued(cert: x509.Certificate) -> bool:
-    """Subject equals issuer, and the key identifiers, when both present, agree."""
-    if cert.subject != cert.issuer:
-        return False
-    extensions = _extensions(cert)
-    if extensions is None:
-        return False  # unreadable: no exemption
-    try:
-        ski = extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-        aki = extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        return True
-    return aki is None or aki == ski
-
-
-# A modality presents the same certificate for every association: parsing it, reading its names
-# and judging its key and usage once, not per association, was 10% of the proxy's CPU for a C-ECHO
-# association. The objects are immutable and the caches bounded; what depends on time (validity,
-# CRLs) is checked on every handshake.
-_CACHED_CERTIFICATES = 512
-
-
 # --- certificate checks -------------------------------------------------------------------------
 
 
@@ -210,9 +133,9 @@ def _check_validity(cert: x509.Certificate, now: datetime) -> list[Problem]:
     not_after = cert.not_valid_after_utc
     problems: list[Problem] = []
     if now < not_before:
-        problems.append(Problem(Reason.TLS_NOT_YET_VALID, f"not valid until {_when(not_before)}"))
+        problems.append(Problem(Reason.TLS_NOT_YET_VALID, f"not valid until {when(not_before)}"))
     if now > not_after:
-        problems.append(Problem(Reason.TLS_EXPIRED, f"expired on {_when(not_after)}"))
+        problems.append(Problem(Reason.TLS_EXPIRED, f"expired on {when(not_after)}"))
     return problems
 
 
@@ -226,7 +149,7 @@ def _check_key(cert: x509.Certificate) -> Problem | None:
             oid = "unreadable"
         return Problem(
             Reason.TLS_WEAK_CERTIFICATE,
-            f"public key of a type the proxy cannot assess (algorithm {oid}; {_error(exc)})",
+            f"public key of a type the proxy cannot assess (algorithm {oid}; {error_text(exc)})",
         )
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
         return Problem(
@@ -257,6 +180,21 @@ def _weak_signature_hash(cert: x509.Certificate) -> str | None:
     except Exception:
         return None  # an algorithm cryptography does not know and that is not a known weak one
     return None if algorithm is None else _WEAK_HASHES.get(algorithm.name)
+
+
+def _is_self_issued(cert: x509.Certificate) -> bool:
+    """Subject equals issuer, and the key identifiers, when both present, agree."""
+    if cert.subject != cert.issuer:
+        return False
+    extensions = extensions_of(cert)
+    if extensions is None:
+        return False  # unreadable: no exemption
+    try:
+        ski = extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        aki = extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return True
+    return aki is None or aki == ski
 
 
 def _check_usage(extensions: x509.Extensions, purpose: Purpose) -> list[Problem]:
@@ -301,7 +239,7 @@ def _check_all(
     return _check_validity(cert, now) + list(_static_problems(cert, purpose, pinned))
 
 
-@functools.lru_cache(maxsize=_CACHED_CERTIFICATES)
+@functools.lru_cache(maxsize=CACHED_CERTIFICATES)
 def _static_problems(cert: x509.Certificate, purpose: Purpose, pinned: bool) -> tuple[Problem, ...]:
     """What does not change with time (key, signature hash, usage), checked once per certificate
     (cryptography's certificates hash and compare by their DER); validity is checked every time."""
@@ -318,7 +256,8 @@ def _static_problems(cert: x509.Certificate, purpose: Purpose, pinned: bool) -> 
         problems.append(
             Problem(
                 Reason.TLS_WRONG_USAGE,
-                f"its extensions cannot be read ({_error(exc)}), so its permitted use is unknown",
+                f"its extensions cannot be read ({error_text(exc)}), "
+                "so its permitted use is unknown",
             )
         )
     else:
@@ -340,9 +279,11 @@ def check_certificate(
     if purpose not in _PURPOSE_OID:
         raise ValueError(f"purpose must be 'client' or 'server', not {purpose!r}")
     try:
-        return _check_all(cert, _utc(now), purpose, pinned)
+        return _check_all(cert, utc(now), purpose, pinned)
     except Exception as exc:  # a certificate odd enough to defeat the checks above: fail closed
-        return [Problem(Reason.TLS_UNTRUSTED, f"the certificate cannot be checked ({_error(exc)})")]
+        return [
+            Problem(Reason.TLS_UNTRUSTED, f"the certificate cannot be checked ({error_text(exc)})")
+        ]
 
 
 # --- revocation ---------------------------------------------------------------------------------
@@ -371,20 +312,20 @@ def _check_revocation(
         if entry is not None:
             return Problem(
                 Reason.TLS_REVOKED,
-                f"serial {serial:#x} revoked on {_when(entry.revocation_date_utc)}"
-                f"{_revocation_reason(entry)} by the CRL of {_issuer_text(crl)}",
+                f"serial {serial:#x} revoked on {when(entry.revocation_date_utc)}"
+                f"{_revocation_reason(entry)} by the CRL of {issuer_text(crl)}",
             )
     for crl in relevant:
         next_update = crl.next_update_utc
         if next_update is None:
             return Problem(
                 Reason.TLS_CRL_STALE,
-                f"the CRL of {_issuer_text(crl)} has no nextUpdate, so it may be stale",
+                f"the CRL of {issuer_text(crl)} has no nextUpdate, so it may be stale",
             )
         if now > next_update:
             return Problem(
                 Reason.TLS_CRL_STALE,
-                f"the CRL of {_issuer_text(crl)} was due for renewal on {_when(next_update)}",
+                f"the CRL of {issuer_text(crl)} was due for renewal on {when(next_update)}",
             )
     return None
 
@@ -401,10 +342,10 @@ def check_revocation(
     Signatures are not checked here: `crl_signed_by` vets the CRLs when the configuration loads.
     """
     try:
-        return _check_revocation(cert, crls, _utc(now))
+        return _check_revocation(cert, crls, utc(now))
     except Exception as exc:
         return Problem(
-            Reason.TLS_CRL_STALE, f"the revocation status cannot be read ({_error(exc)})"
+            Reason.TLS_CRL_STALE, f"the revocation status cannot be read ({error_text(exc)})"
         )
 
 
@@ -415,7 +356,7 @@ def crl_signed_by(crl: x509.CertificateRevocationList, cas: Sequence[x509.Certif
         try:
             if ca.subject != crl.issuer:
                 continue
-            extensions = _extensions(ca)
+            extensions = extensions_of(ca)
             if extensions is None:
                 continue
             try:
@@ -438,109 +379,10 @@ def openssl_error_reason(errnum: int) -> Reason:
     return _OPENSSL_ERRORS.get(errnum, Reason.TLS_UNTRUSTED)
 
 
-# --- names --------------------------------------------------------------------------------------
-
-
-def _parse_ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    text = name[1:-1] if name.startswith("[") and name.endswith("]") else name
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        address = ipaddress.IPv6Address(int(address))  # a certificate cannot name a zone
-    return address
-
-
-def _dns_labels(name: str) -> list[str] | None:
-    """Lowercased labels without a trailing dot, or None for a name that cannot match anything."""
-    if not name.isascii():
-        return None  # SANs are IA5String: a U-label reference name must be given as A-labels
-    if name.endswith("."):
-        name = name[:-1]
-    labels = name.lower().split(".")
-    if any(not label for label in labels):
-        return None
-    return labels
-
-
-def _dns_matches(pattern: str, reference: list[str]) -> bool:
-    """RFC 6125 6.4: exact (case-insensitive) or one wildcard that is the entire leftmost label."""
-    labels = _dns_labels(pattern)
-    if labels is None or len(labels) != len(reference):
-        return False
-    if labels[0] == "*":
-        # At least two labels after the wildcard (no "*.org"), no other wildcard anywhere.
-        if len(labels) < 3 or any("*" in label for label in labels[1:]):
-            return False
-        return labels[1:] == reference[1:]
-    if any("*" in label for label in labels):
-        return False  # partial wildcards ("f*.example.org") are not honoured
-    return labels == reference
-
-
-def server_name_matches(cert: x509.Certificate, name: str) -> bool:
-    """Whether the certificate is for the server name the proxy connected to (RFC 6125).
-
-    An IP address (v4 or v6, in any textual form) must equal an iPAddress SAN, never a DNS name or
-    the CN. A host name must match a dNSName SAN, case-insensitively, a trailing dot ignored,
-    A-labels compared as they are, a wildcard only as the entire leftmost label matching exactly
-    one label. The subject CN is consulted only when the certificate has no SAN extension at all.
-    Unreadable extensions, non-ASCII names and names with empty labels never match.
-    """
-    try:
-        return _server_name_matches(cert, name)
-    except Exception:
-        return False
-
-
-@functools.lru_cache(maxsize=_CACHED_CERTIFICATES)
-def _server_name_matches(cert: x509.Certificate, name: str) -> bool:
-    san = _subject_alt_names(cert)
-    if isinstance(san, Exception):
-        return False
-    address = _parse_ip(name)
-    if address is not None:
-        if san is None:
-            return False
-        return any(
-            isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address)
-            and value.version == address.version
-            and int(value) == int(address)
-            for value in san.get_values_for_type(x509.IPAddress)
-        )
-    reference = _dns_labels(name)
-    if reference is None or "*" in name or reference[-1].isdigit():
-        return False  # "*" is no host name; a numeric last label is an IP in inet_aton form
-    if san is not None:
-        patterns = san.get_values_for_type(x509.DNSName)
-    else:
-        patterns = list(_attribute_values(cert.subject, NameOID.COMMON_NAME))
-    return any(_dns_matches(pattern, reference) for pattern in patterns)
-
-
-def certificate_names(cert: x509.Certificate) -> list[str]:
-    """The names the certificate is for, for messages: DNS then IP SANs; the CNs if it has no SAN.
-
-    Unreadable extensions give an empty list.
-    """
-    try:
-        san = _subject_alt_names(cert)
-        if isinstance(san, Exception):
-            return []
-        if san is None:
-            return list(_attribute_values(cert.subject, NameOID.COMMON_NAME))
-        names = list(san.get_values_for_type(x509.DNSName))
-        names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
-        return names
-    except Exception:
-        return []
-
-
 # --- identity and description -------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=_CACHED_CERTIFICATES)
+@functools.lru_cache(maxsize=CACHED_CERTIFICATES)
 def certificate_from_der(der: bytes) -> x509.Certificate:
     """The parsed certificate (cryptography also keeps its parsed extensions with it)."""
     return x509.load_der_x509_certificate(der)
@@ -551,33 +393,34 @@ def peer_identity(cert: x509.Certificate, *, chain_verified: bool) -> PeerIdenti
     return _peer_identity(cert.public_bytes(Encoding.DER), chain_verified)
 
 
-@functools.lru_cache(maxsize=_CACHED_CERTIFICATES)
+@functools.lru_cache(maxsize=CACHED_CERTIFICATES)
 def _peer_identity(der: bytes, chain_verified: bool) -> PeerIdentity:
     cert = certificate_from_der(der)
     subject: str | None
     try:
         subject = cert.subject.rfc4514_string()
-        common_names = _attribute_values(cert.subject, NameOID.COMMON_NAME)
-        units = _attribute_values(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+        common_names = attribute_values(cert.subject, NameOID.COMMON_NAME)
+        units = attribute_values(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
     except Exception:
         subject, common_names, units = None, (), ()
     dns_names: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()
-    san = _subject_alt_names(cert)
+    san = subject_alt_names(cert)
     if isinstance(san, x509.SubjectAlternativeName):
         try:
             dns_names = tuple(san.get_values_for_type(x509.DNSName))
             uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
         except Exception:
             dns_names, uris = (), ()
+    sha256, sha1 = der_thumbprints(der)
     return PeerIdentity(
         subject=subject,
         common_names=common_names,
         organizational_units=units,
         dns_names=dns_names,
         uris=uris,
-        sha256=hashlib.sha256(der).digest(),
-        sha1=hashlib.sha1(der, usedforsecurity=False).digest(),
+        sha256=sha256.digest,
+        sha1=sha1.digest,
         chain_verified=chain_verified,
     )
 
@@ -587,16 +430,17 @@ def describe(cert: x509.Certificate) -> dict[str, str]:
     return dict(_description(cert.public_bytes(Encoding.DER)))
 
 
-@functools.lru_cache(maxsize=_CACHED_CERTIFICATES)
+@functools.lru_cache(maxsize=CACHED_CERTIFICATES)
 def _description(der: bytes) -> tuple[tuple[str, str], ...]:
     cert = certificate_from_der(der)
+    sha256, sha1 = der_thumbprints(der)
     return tuple(
         {
-            "subject": _subject_text(cert),
-            "issuer": _issuer_text(cert),
-            "not_before": _time_text(lambda: cert.not_valid_before_utc),
-            "not_after": _time_text(lambda: cert.not_valid_after_utc),
-            "sha256": f"sha256:{hashlib.sha256(der).hexdigest()}",
-            "sha1": f"sha1:{hashlib.sha1(der, usedforsecurity=False).hexdigest()}",
+            "subject": subject_text(cert),
+            "issuer": issuer_text(cert),
+            "not_before": time_text(lambda: cert.not_valid_before_utc),
+            "not_after": time_text(lambda: cert.not_valid_after_utc),
+            "sha256": str(sha256),
+            "sha1": str(sha1),
         }.items()
     )

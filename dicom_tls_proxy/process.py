@@ -1,5 +1,6 @@
-"""Process plumbing shared by a lone proxy, its supervisor and its workers: the pid file, systemd's
-notify socket, giving freed heap back, and the lifeline that ties a worker to its supervisor.
+"""Process plumbing shared by a lone proxy, its supervisor and its workers: binding the listening
+sockets (and taking them over from a supervisor), the pid file, systemd's notify socket, giving
+freed heap back, and the lifeline that ties a worker to its supervisor.
 
 Why a lifeline pipe and not `prctl(PR_SET_PDEATHSIG)`: the kernel sends the death signal when the
 *thread* that forked the child exits, not the process. trio's `open_process` forks from a thread
@@ -26,6 +27,64 @@ from pathlib import Path
 import trio
 
 from dicom_tls_proxy.audit import event
+from dicom_tls_proxy.config_schema import Config, Listener
+from dicom_tls_proxy.metricsweb import open_listeners as open_metrics_listeners
+from dicom_tls_proxy.streams import os_error_text
+
+Bound = list[tuple[Listener, trio.SocketListener]]
+
+
+class StartError(Exception):
+    """The proxy cannot start (a port in use, a bad address); the message says which key."""
+
+
+async def bind_listeners(config: Config) -> Bound:
+    """Bind every listener once. A port already in use is an error, never shared silently."""
+    bound: Bound = []
+    try:
+        for li in config.listeners:
+            host = None if li.bind.host in ("", "*") else li.bind.host
+            try:
+                listeners = await trio.open_tcp_listeners(li.bind.port, host=host, backlog=1024)
+            except OSError as exc:
+                raise StartError(
+                    f"{config.path}: {li.key_path}.bind: cannot listen on {li.bind}: "
+                    f"{os_error_text(exc)}"
+                ) from None
+            bound.extend((li, sl) for sl in listeners)
+    except BaseException:
+        for _, sl in bound:
+            sl.socket.close()
+        raise
+    return bound
+
+
+def listeners_from_fds(config: Config, spec: str) -> Bound:
+    """Sockets a supervisor bound and passed down, as `NAME=FD,NAME=FD`."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, fd = item.partition("=")
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=int(fd)))
+        out.append((config.listener(name), trio.SocketListener(sock)))
+    return out
+
+
+def listeners_spec(bound: Bound) -> tuple[str, list[int]]:
+    """What a worker is told of the sockets it inherits (`listeners_from_fds`), and their fds."""
+    spec = ",".join(f"{li.name}={sl.socket.fileno()}" for li, sl in bound)
+    return spec, [sl.socket.fileno() for _, sl in bound]
+
+
+async def bind_metrics(config: Config) -> list[trio.SocketListener]:
+    """Bind `[metrics] bind` (StartError if it cannot be)."""
+    assert config.metrics.bind is not None
+    try:
+        return await open_metrics_listeners(config.metrics.bind)
+    except OSError as exc:
+        raise StartError(
+            f"{config.path}: metrics.bind: cannot listen on {config.metrics.bind}: "
+            f"{os_error_text(exc)}"
+        ) from None
 
 
 @contextlib.contextmanager

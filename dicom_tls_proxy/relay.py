@@ -15,11 +15,12 @@ from typing import Protocol
 
 import trio
 
+from dicom_tls_proxy.association import Ending, RelayFacts
 from dicom_tls_proxy.audit import AssociationRecord
-from dicom_tls_proxy.pdu import BoundaryTracker, PduError
+from dicom_tls_proxy.pdu import Abort, PduError
+from dicom_tls_proxy.pdu_framing import BoundaryTracker
 from dicom_tls_proxy.streams import STREAM_ERRORS, abort_quietly
 from dicom_tls_proxy.tls import ByteStream
-from dicom_tls_proxy.vocabulary import Outcome, Reason
 
 # One read takes what the kernel holds, up to a share of READ_BUDGET: a single busy association
 # reads up to 1 MiB at a time (measured in W1 origination: 0.7 CPU seconds per GB against 1.0 with
@@ -57,110 +58,111 @@ class _Side:
     forwarded_at_boundary: bool = True  # what we forwarded *from* this side ends between PDUs
 
 
-async def relay(
-    client: ByteStream,
-    upstream: ByteStream,
-    record: AssociationRecord,
-    idle_timeout: float,
-    max_pdu_length: int | None = MAX_PDU_LENGTH,
-    shutdown: RelayOwner | None = None,
-    pending_up: bytes = b"",
-    pending_down: bytes = b"",
-) -> None:
-    """Relay until the association ends; fills in the record's outcome; closes nothing.
-    `shutdown` lets a draining proxy end the relay and abort both sides between PDUs.
-    `pending_up`/`pending_down` are bytes already read with the RQ / the AC: they take the same
-    way as everything else (tracked, capped, counted), never a shortcut around it."""
-    c = _Side("client", client, BoundaryTracker(max_pdu_length))
-    u = _Side("upstream", upstream, BoundaryTracker(max_pdu_length))
-    invalid: list[str] = []
-    with trio.CancelScope() as idle:
-        moved_at = trio.current_time()
-        idle.deadline = moved_at + idle_timeout
-        step = min(1.0, idle_timeout / DEADLINE_STEPS)
-        if shutdown is not None:
-            shutdown.relays.add(idle)
+class Relay:
+    """One established association's two pumps. `run` relays until the association ends and
+    says what it saw (`RelayFacts`, named by `association.relay_reason`); `carry_out` then sends
+    the ending's A-ABORTs, only where they can go (see `_abort`). Closes nothing.
+    `shutdown` lets a draining proxy end the relay. `pending_up`/`pending_down` are bytes
+    already read with the RQ / the AC: they take the same way as everything else (tracked,
+    capped, counted), never a shortcut around it."""
 
-        async def forward(src: _Side, dst: _Side, data: bytes | bytearray | memoryview) -> bool:
-            """Track, cap and send one chunk from src to dst; False when the relay must end."""
-            nonlocal moved_at
-            if (now := trio.current_time()) - moved_at >= step:
-                moved_at = now
-                idle.deadline = now + idle_timeout
-            try:
-                src.tracker.feed(data)
-            except PduError as exc:  # not forwarded: the other side never sees it
-                invalid.append(f"{src.name} sent an invalid PDU: {exc}")
-                return False
-            dst.sending = True
-            try:
-                await dst.stream.send_all(data)
-            except STREAM_ERRORS:
-                dst.broken = dst.closed = True
-                return False
-            dst.sending = False
-            src.forwarded_at_boundary = src.tracker.at_boundary
-            if src is c:
-                record.bytes_up += len(data)
-            else:
-                record.bytes_down += len(data)
+    def __init__(
+        self,
+        client: ByteStream,
+        upstream: ByteStream,
+        record: AssociationRecord,
+        idle_timeout: float,
+        max_pdu_length: int | None = MAX_PDU_LENGTH,
+        shutdown: RelayOwner | None = None,
+    ) -> None:
+        self.client = _Side("client", client, BoundaryTracker(max_pdu_length))
+        self.upstream = _Side("upstream", upstream, BoundaryTracker(max_pdu_length))
+        self.record = record
+        self.idle_timeout = idle_timeout
+        self.shutdown = shutdown
+        self.invalid = ""  # the first invalid PDU seen, in words
+
+    async def run(self, pending_up: bytes = b"", pending_down: bytes = b"") -> RelayFacts:
+        c, u, record, shutdown = self.client, self.upstream, self.record, self.shutdown
+        idle_timeout = self.idle_timeout
+        with trio.CancelScope() as idle:
+            moved_at = trio.current_time()
+            idle.deadline = moved_at + idle_timeout
+            step = min(1.0, idle_timeout / DEADLINE_STEPS)
             if shutdown is not None:
-                shutdown.moved += len(data)
-            return not src.tracker.seen_abort
+                shutdown.relays.add(idle)
 
-        async def pump(src: _Side, dst: _Side, pending: bytes, nursery: trio.Nursery) -> None:
+            async def forward(src: _Side, dst: _Side, data: bytes | bytearray | memoryview) -> bool:
+                """Track, cap and send one chunk from src to dst; False when the relay ends."""
+                nonlocal moved_at
+                if (now := trio.current_time()) - moved_at >= step:
+                    moved_at = now
+                    idle.deadline = now + idle_timeout
+                try:
+                    src.tracker.feed(data)
+                except PduError as exc:  # not forwarded: the other side never sees it
+                    self.invalid = self.invalid or f"{src.name} sent an invalid PDU: {exc}"
+                    return False
+                dst.sending = True
+                try:
+                    await dst.stream.send_all(data)
+                except STREAM_ERRORS:
+                    dst.broken = dst.closed = True
+                    return False
+                dst.sending = False
+                src.forwarded_at_boundary = src.tracker.at_boundary
+                if src is c:
+                    record.bytes_up += len(data)
+                else:
+                    record.bytes_down += len(data)
+                if shutdown is not None:
+                    shutdown.moved += len(data)
+                return not src.tracker.seen_abort
+
+            async def pump(src: _Side, dst: _Side, pending: bytes, nursery: trio.Nursery) -> None:
+                try:
+                    if not pending or await forward(src, dst, pending):
+                        del pending
+                        while True:
+                            data = await src.stream.receive_some(chunk_size(shutdown))
+                            if not data:
+                                src.closed = True
+                                break
+                            if not await forward(src, dst, data):
+                                break
+                            # Not kept alive while this side idles: it can be a 256 KiB chunk,
+                            # and hundreds of associations wait between studies (measured: 578
+                            # KiB each).
+                            del data
+                except STREAM_ERRORS:
+                    src.closed = True
+                nursery.cancel_scope.cancel()
+
             try:
-                if not pending or await forward(src, dst, pending):
-                    del pending
-                    while True:
-                        data = await src.stream.receive_some(chunk_size(shutdown))
-                        if not data:
-                            src.closed = True
-                            break
-                        if not await forward(src, dst, data):
-                            break
-                        # Not kept alive while this side idles: it can be a 256 KiB chunk, and
-                        # hundreds of associations wait between studies (measured: 578 KiB each).
-                        del data
-            except STREAM_ERRORS:
-                src.closed = True
-            nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump, c, u, pending_up, nursery)
+                    # The other direction in this task: one task less per association (idle
+                    # ones are counted in hundreds).
+                    await pump(u, c, pending_down, nursery)
+            finally:
+                if shutdown is not None:
+                    shutdown.relays.discard(idle)
+        return RelayFacts(
+            client_aborted=c.tracker.seen_abort,
+            upstream_aborted=u.tracker.seen_abort,
+            released=c.tracker.seen_release_rp or u.tracker.seen_release_rp,
+            invalid=bool(self.invalid),
+            idle=idle.cancelled_caught,
+            stopping=shutdown is not None and shutdown.stopping,
+            client_closed=c.closed and not c.broken,
+        )
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, c, u, pending_up, nursery)
-                # The other direction in this task: one task less per association (idle ones
-                # are counted in hundreds).
-                await pump(u, c, pending_down, nursery)
-        finally:
-            if shutdown is not None:
-                shutdown.relays.discard(idle)
-
-    released = c.tracker.seen_release_rp or u.tracker.seen_release_rp
-    if c.tracker.seen_abort:
-        record.finish(Outcome.ABORTED, Reason.CLIENT_ABORTED)
-    elif u.tracker.seen_abort:
-        record.finish(Outcome.ABORTED, Reason.UPSTREAM_ABORTED)
-    elif released:
-        record.finish(Outcome.COMPLETED, Reason.RELEASED)
-    elif invalid:
-        record.finish(Outcome.ABORTED, Reason.INVALID_PDU, invalid[0])
-        await _abort(c, u)
-        await _abort(u, c)
-    elif idle.cancelled_caught and shutdown is not None and shutdown.stopping:
-        record.finish(Outcome.ABORTED, Reason.SHUTDOWN, "drain_timeout passed while stopping")
-        await _abort(c, u)
-        await _abort(u, c)
-    elif idle.cancelled_caught:
-        record.finish(Outcome.TIMED_OUT, Reason.IDLE_TIMEOUT)
-        await _abort(c, u)
-        await _abort(u, c)
-    elif c.closed and not c.broken:
-        record.finish(Outcome.ABORTED, Reason.CLIENT_CLOSED)
-        await _abort(u, c)
-    else:
-        record.finish(Outcome.ABORTED, Reason.UPSTREAM_CLOSED)
-        await _abort(c, u)
+    async def carry_out(self, ending: Ending) -> None:
+        """The ending's A-ABORTs: the client's first, then the upstream's."""
+        if isinstance(ending.client, Abort):
+            await _abort(self.client, self.upstream)
+        if isinstance(ending.upstream, Abort):
+            await _abort(self.upstream, self.client)
 
 
 def chunk_size(owner: RelayOwner | None) -> int:

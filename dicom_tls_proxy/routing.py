@@ -1,7 +1,8 @@
 """Which route an A-ASSOCIATE-RQ takes, or why it is refused: one pure function of the facts.
 
-The server hands over everything it knows (config, listener, peer identity, source address, the
-parsed RQ) and gets back a `Forward` or a `Refusal` value that carries the PDU to answer with. No
+The connection driver hands over everything it knows (config, listener, peer identity, source
+address, the parsed RQ) and gets back a `Forward` or a `Refusal` value; what a refusal answers on
+the wire is `association.ENDINGS`'s to say. No
 exceptions cross floors, no I/O happens here, so every refusal rule is tested without a socket.
 """
 
@@ -16,9 +17,9 @@ from dicom_tls_proxy.auth import (
     peer_allowed,
     source_allowed,
 )
-from dicom_tls_proxy.config import Config, Listener, Route
+from dicom_tls_proxy.config_schema import Config, Listener, Route
 from dicom_tls_proxy.pdu import AssociateRequest
-from dicom_tls_proxy.vocabulary import REFUSALS, Answer, Reason
+from dicom_tls_proxy.vocabulary import Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +32,6 @@ class Refusal:
     reason: Reason
     detail: str
     route: Route | None = None
-
-    @property
-    def answer(self) -> Answer:
-        return REFUSALS[self.reason]
 
 
 def find_route(config: Config, listener: str, called_ae: str) -> Route | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import trio
 
 from dicom_tls_proxy import pdu
+from dicom_tls_proxy.pdu_framing import split_pdu
 from dicom_tls_proxy.tls import ByteStream, TlsStream
 
 STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -35,13 +36,14 @@ async def read_pdu(
     stream: ByteStream, limit: int, *, first: bool, initial: bytes = b""
 ) -> tuple[bytes, bytes]:
     """One whole PDU and whatever came after it; `initial` is what the caller already read.
-    With `first`, anything but an RQ is refused as soon as its header is seen (no need to wait
-    for a body we would not accept)."""
-    buf = bytearray()
-    needed: int | None = None
-    pending = initial
-    while needed is None or len(buf) < needed:
-        data, pending = (pending, b"") if pending else (await stream.receive_some(65536), b"")
+    `limit` is the longest PDU accepted, header included. The cutting and the judging of the
+    header are `pdu_framing.split_pdu`'s: as soon as the header is in, a PDU that is too long, of
+    an unknown type or, with `first`, anything but an RQ is refused (no need to wait for a body
+    we would not accept). This only reads until it has a PDU."""
+    buf = bytearray(initial)
+    max_body = limit - pdu.HEADER_LENGTH
+    while (whole := split_pdu(buf, max_pdu_length=max_body, first=first)) is None:
+        data = await stream.receive_some(65536)
         if not data:
             if not buf:
                 raise PeerClosed("closed before sending a PDU")
@@ -49,20 +51,7 @@ async def read_pdu(
                 f"connection closed after {len(buf)} bytes of a PDU", pdu.INVALID_PARAMETER
             )
         buf += data
-        if needed is None and len(buf) >= pdu.HEADER_LENGTH:
-            kind, length = pdu.parse_header(buf)
-            if kind not in pdu.KNOWN_TYPES:
-                raise pdu.PduError(f"unknown PDU type 0x{kind:02x}", pdu.UNRECOGNIZED_PDU)
-            if first and kind != pdu.A_ASSOCIATE_RQ:
-                raise pdu.PduError(
-                    f"first PDU has type 0x{kind:02x}, not an A-ASSOCIATE-RQ", pdu.UNEXPECTED_PDU
-                )
-            if length + pdu.HEADER_LENGTH > limit:
-                raise pdu.PduError(
-                    f"PDU of {length} bytes exceeds the limit of {limit}", pdu.INVALID_PARAMETER
-                )
-            needed = length + pdu.HEADER_LENGTH
-    return bytes(buf[:needed]), bytes(buf[needed:])
+    return whole
 
 
 async def answer_and_close(stream: ByteStream, answer: bytes) -> None:

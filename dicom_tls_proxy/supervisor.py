@@ -12,8 +12,8 @@ one that keeps dying right after it starts makes the parent give up, stop the ot
 non-zero.
 
 With `[metrics]` the parent serves /metrics, /healthz and /readyz for all the workers (see
-`metrics`): they write to a private folder the parent makes and removes, and the parent forgets a
-dead worker's live gauges before it starts the next one. With
+`workersmetrics`): they write to a private folder the parent makes and removes, and the parent
+forgets a dead worker's live gauges before it starts the next one. With
 `watch = true` the parent watches the folders once and reloads the workers as SIGHUP does.
 """
 
@@ -32,16 +32,21 @@ import trio
 
 from dicom_tls_proxy import audit
 from dicom_tls_proxy.audit import event
-from dicom_tls_proxy.config import Config, ConfigError, load_config
-from dicom_tls_proxy.metrics import MULTIPROC_ENV, WorkersMetrics
-from dicom_tls_proxy.process import lifeline, pid_file, sd_notify
-from dicom_tls_proxy.server import (
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.config_schema import Config
+from dicom_tls_proxy.metrics import MULTIPROC_ENV
+from dicom_tls_proxy.netaddr import format_address
+from dicom_tls_proxy.process import (
     StartError,
     bind_listeners,
     bind_metrics,
-    format_address,
+    lifeline,
+    listeners_spec,
+    pid_file,
+    sd_notify,
 )
 from dicom_tls_proxy.watch import watch_folders
+from dicom_tls_proxy.workersmetrics import WorkersMetrics
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -85,8 +90,7 @@ async def supervise(config: Config) -> int:
                 sl.socket.close()
             event("start-failed", logging.ERROR, msg=str(exc))
             return 1
-    spec = ",".join(f"{li.name}={sl.socket.fileno()}" for li, sl in bound)
-    fds = [sl.socket.fileno() for _, sl in bound]
+    spec, fds = listeners_spec(bound)
     workers: list[trio.Process] = []  # the current process of each worker slot
     # Only this process talks to systemd (NotifyAccess=main): workers get no NOTIFY_SOCKET.
     # The metrics folder is ours alone: never one inherited from the environment.

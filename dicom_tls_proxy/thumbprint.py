@@ -120,16 +120,24 @@ def parse_thumbprint(text: str) -> Thumbprint:
 
 
 def _digests(cert_der: bytes) -> dict[Algorithm, bytes]:
+    """The one place a certificate's thumbprints are computed: `der_thumbprints` (and through it
+    `certificate_thumbprints`, `policy.peer_identity`, `policy.describe`) and `matches_any`, which
+    takes the bare digests (no `Thumbprint` built per handshake)."""
     return {
         "sha256": hashlib.sha256(cert_der).digest(),
         "sha1": hashlib.sha1(cert_der, usedforsecurity=False).digest(),
     }
 
 
+def der_thumbprints(cert_der: bytes) -> tuple[Thumbprint, Thumbprint]:
+    """The (sha256, sha1) thumbprints of a certificate's DER encoding."""
+    digests = _digests(cert_der)
+    return Thumbprint("sha256", digests["sha256"]), Thumbprint("sha1", digests["sha1"])
+
+
 def certificate_thumbprints(cert: x509.Certificate) -> tuple[Thumbprint, Thumbprint]:
     """The certificate's (sha256, sha1) thumbprints, hashes of its DER encoding."""
-    digests = _digests(cert.public_bytes(Encoding.DER))
-    return Thumbprint("sha256", digests["sha256"]), Thumbprint("sha1", digests["sha1"])
+    return der_thumbprints(cert.public_bytes(Encoding.DER))
 
 
 def matches_any(cert_der: bytes, accepted: Iterable[Thumbprint]) -> Thumbprint | None:

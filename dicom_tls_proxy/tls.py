@@ -36,9 +36,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
-from dicom_tls_proxy import policy
+from dicom_tls_proxy import certnames, policy
 from dicom_tls_proxy.auth import PeerIdentity
-from dicom_tls_proxy.config import TlsTable
+from dicom_tls_proxy.config_schema import TlsTable
 from dicom_tls_proxy.sockio import LeanStream, stream_error, waiting
 from dicom_tls_proxy.thumbprint import matches_any
 from dicom_tls_proxy.vocabulary import Reason
@@ -196,9 +196,9 @@ def _decide(state: _Verification, cert: crypto.X509, errnum: int, depth: int, ok
     if (
         state.server_name
         and table.verifies_chain
-        and not policy.server_name_matches(leaf, state.server_name)
+        and not certnames.server_name_matches(leaf, state.server_name)
     ):
-        names = ", ".join(policy.certificate_names(leaf)) or "no names"
+        names = ", ".join(certnames.certificate_names(leaf)) or "no names"
         problems.insert(
             0,
             policy.Problem(

@@ -4,6 +4,9 @@ Why not `pydicom.uid.UID(x).name`: importing pydicom costs about 29 MiB of memor
 second, and the proxy needs one dictionary from it. This module loads only pydicom's generated
 `_uid_dict.py` file (about 150 KiB in memory) without running pydicom's package import. If that
 file ever moves, names fall back to the UIDs themselves; nothing else depends on it.
+
+Not pure at import: that file is found, read and executed (it holds one generated dict) once,
+when this module is first imported; `uid_name` is a dictionary lookup after that.
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
-"""The words the proxy uses to say what happened, and what each refusal answers on the wire.
+"""The words the proxy uses to say what happened: outcomes, reasons and what they mean.
 
 Logs, metrics, the audit trail, tests and the README all read these names from here, so an operator
-who greps for ``reason=no-route`` finds the same word everywhere. This module must stay pure data:
-no I/O, and no imports from the package but the pure PDU codec.
+who greps for ``reason=no-route`` finds the same word everywhere; what each reason answers on the
+wire is `association.ENDINGS`. This module must stay pure data: no I/O, no imports from the package.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-
-# The refusal PDUs are the codec's own objects: one definition of what an RJ or A-ABORT holds.
-from dicom_tls_proxy.pdu import Abort
-from dicom_tls_proxy.pdu import AssociateReject as Reject
 
 
 class Outcome(enum.StrEnum):
@@ -107,51 +102,6 @@ EXPLANATIONS: dict[Reason, str] = {
     Reason.INTERNAL_ERROR: "the proxy failed on its own (a bug): see the error line's traceback",
 }
 
-
-__all__ = [
-    "EXPLANATIONS",
-    "REFUSALS",
-    "TLS_REASONS",
-    "Abort",
-    "Answer",
-    "Close",
-    "Outcome",
-    "Reason",
-    "Reject",
-]
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """No PDU is possible or appropriate: the connection is closed."""
-
-
-Answer = Reject | Abort | Close
-
-# The refusal table: what the client sees for each reason the proxy refuses on its own.
-# Reasons missing here are never answered by the proxy itself (relayed, or end of the association).
-REFUSALS: dict[Reason, Answer] = {
-    Reason.NO_ROUTE: Reject(1, 1, 7),
-    Reason.CALLING_AE_NOT_ALLOWED: Reject(1, 1, 3),
-    Reason.PEER_NOT_ALLOWED: Reject(1, 1, 1),
-    Reason.SOURCE_NOT_ALLOWED: Reject(1, 1, 1),
-    Reason.PLAINTEXT_ON_TLS: Reject(1, 1, 1),
-    Reason.PROTOCOL_VERSION: Reject(1, 2, 2),
-    Reason.UPSTREAM_UNREACHABLE: Reject(2, 3, 1),
-    Reason.UPSTREAM_TIMEOUT: Reject(2, 3, 1),
-    Reason.UPSTREAM_TLS_FAILED: Reject(2, 3, 1),
-    Reason.UPSTREAM_NO_ANSWER: Reject(2, 3, 1),
-    Reason.TOO_MANY_ASSOCIATIONS: Reject(2, 3, 2),
-    Reason.UNRECOGNIZED_PDU: Abort(2, 1),
-    Reason.UNEXPECTED_PDU: Abort(2, 2),
-    Reason.INVALID_PDU: Abort(2, 6),
-    Reason.HANDSHAKE_TIMEOUT: Close(),
-    Reason.UPSTREAM_CLOSED: Abort(2, 0),
-    Reason.IDLE_TIMEOUT: Abort(2, 0),
-    Reason.SHUTDOWN: Abort(2, 0),
-    Reason.INTERNAL_ERROR: Abort(2, 0),
-    Reason.TLS_ON_PLAINTEXT: Close(),
-}
 
 # Reasons that belong to certificate verification: the peer gets a TLS alert, never a PDU.
 TLS_REASONS: frozenset[Reason] = frozenset(r for r in Reason if r.value.startswith("tls-"))

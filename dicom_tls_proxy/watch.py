@@ -39,7 +39,7 @@ from pathlib import Path
 import trio
 
 from dicom_tls_proxy.audit import event
-from dicom_tls_proxy.config import Config
+from dicom_tls_proxy.config_schema import Config
 
 DIGEST_LIMIT = 1 << 20  # a named file up to this size is hashed on every look; larger: stat only
 SETTLE_LOOKS = 30  # a folder still changing after this many intervals is reloaded anyway

@@ -253,7 +253,9 @@ def proxy_config(
 class LegacyDevice:
     """A plaintext pynetdicom SCP (Verification, storage, C-FIND) that remembers what it saw."""
 
-    def __init__(self, ae_title: str = "LEGACY") -> None:
+    def __init__(self, ae_title: str = "LEGACY", port: int = 0) -> None:
+        """On `port` (0: any free one); pynetdicom's server reuses the address, so a device
+        can come back on the port of one that was closed."""
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import (
             PatientRootQueryRetrieveInformationModelFind,
@@ -295,7 +297,7 @@ class LegacyDevice:
             yield 0xFF00, ds
 
         self.server = ae.start_server(
-            ("127.0.0.1", 0),
+            ("127.0.0.1", port),
             block=False,
             evt_handlers=[
                 (evt.EVT_REQUESTED, on_request),
@@ -305,9 +307,13 @@ class LegacyDevice:
         )
         self.port = int(self.server.server_address[1])
         self.address = f"127.0.0.1:{self.port}"
+        self.closed = False
 
     def close(self) -> None:
-        self.server.shutdown()
+        """Stop listening and serving; again is a no-op."""
+        if not self.closed:
+            self.closed = True
+            self.server.shutdown()
 
 
 def make_dataset(rows: int = 64, columns: int = 64, seed: int = 1) -> Any:
@@ -460,7 +466,11 @@ class RawClient:
     def __init__(self, address: tuple[str, int], ssl_context: Any = None) -> None:
         sock = socket.create_connection(address, timeout=TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ssl_context.wrap_socket(sock) if ssl_context is not None else sock
+        self.sock = (
+            ssl_context.wrap_socket(sock, suppress_ragged_eofs=False)
+            if ssl_context is not None
+            else sock
+        )
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -480,13 +490,22 @@ class RawClient:
         return header + self.read_exact(length)
 
     def read_eof(self) -> bytes:
-        """Everything until the peer closes (b"" if it closes at once)."""
+        """Everything until the peer closes (b"" if it closes at once), however it closes: a
+        reset or a TLS close without close_notify ends it too (see `read_clean_close`)."""
         data = b""
         try:
             while chunk := self.sock.recv(65536):
                 data += chunk
         except (ConnectionResetError, OSError):
             pass
+        return data
+
+    def read_clean_close(self) -> bytes:
+        """Everything until the peer closes; raises unless it closes cleanly: no TCP reset, and
+        over TLS its close_notify first (a bare TCP close is SSLEOFError here)."""
+        data = b""
+        while chunk := self.sock.recv(65536):
+            data += chunk
         return data
 
     def close(self) -> None:
@@ -562,7 +581,7 @@ def pacs_identities(folder: Path, pki: Path) -> dict[str, tuple[Path, Path]]:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     ca: Any = (
         load_pem_private_key((pki / "ca.key").read_bytes(), None),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from dicom_tls_proxy.audit import AssociationRecord, RateLimiter, make_formatter
+from dicom_tls_proxy.audit import AssociationRecord, make_formatter
+from dicom_tls_proxy.ratelimit import RateLimiter, Throttle
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 
 
@@ -37,6 +38,20 @@ def test_quiet_source_is_never_limited() -> None:
         clock.now = step * 0.6
         assert limiter.allow(("10.0.0.1", "calling-ae-not-allowed"))
         limiter.flush()
+
+
+def test_throttle_one_line_per_interval() -> None:
+    clock = Clock()
+    throttle = Throttle(60.0, clock=clock)
+    assert throttle.due()
+    clock.now = 30.0
+    assert not throttle.due()  # held back, however often it is asked
+    assert not throttle.due()
+    clock.now = 60.0
+    assert throttle.due()  # the interval from the last line is over
+    clock.now = 200.0
+    assert throttle.due()  # quiet for longer: due at once
+    assert not throttle.due()
 
 
 def test_record_fields_and_formats() -> None:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
 
-from dicom_tls_proxy import pki
+from dicom_tls_proxy import devpki
 from dicom_tls_proxy.certload import (
     CertificateError,
     Identity,
@@ -53,12 +53,12 @@ def assert_no_secret(error: BaseException, secret: bytes = PASSWORD) -> None:
 
 @pytest.fixture(scope="module")
 def ca() -> CA:
-    return pki.make_ca("certload CA")
+    return devpki.make_ca("certload CA")
 
 
 @pytest.fixture(scope="module")
 def leaf(ca: CA) -> tuple[CertificateIssuerPrivateKeyTypes, x509.Certificate]:
-    return pki.make_leaf(*ca, "leaf", dns=["leaf"])
+    return devpki.make_leaf(*ca, "leaf", dns=["leaf"])
 
 
 @pytest.fixture
@@ -67,10 +67,10 @@ def files(
 ) -> Path:
     """cert.pem (leaf + CA), key.pem (plain), enc.pem (encrypted with PASSWORD), ca.pem."""
     key, cert = leaf
-    pki.write_pem_cert(tmp_path / "cert.pem", cert, ca[1])
-    pki.write_pem_key(tmp_path / "key.pem", key)
-    pki.write_pem_key(tmp_path / "enc.pem", key, PASSWORD)
-    pki.write_pem_cert(tmp_path / "ca.pem", ca[1])
+    devpki.write_pem_cert(tmp_path / "cert.pem", cert, ca[1])
+    devpki.write_pem_key(tmp_path / "key.pem", key)
+    devpki.write_pem_key(tmp_path / "enc.pem", key, PASSWORD)
+    devpki.write_pem_cert(tmp_path / "ca.pem", ca[1])
     return tmp_path
 
 
@@ -350,8 +350,8 @@ def test_missing_key_file_blames_key(files: Path) -> None:
 
 
 def test_certificate_key_mismatch(files: Path, ca: CA) -> None:
-    other_key, _ = pki.make_leaf(*ca, "other")
-    pki.write_pem_key(files / "other.key", other_key)
+    other_key, _ = devpki.make_leaf(*ca, "other")
+    devpki.write_pem_key(files / "other.key", other_key)
     with pytest.raises(CertificateError) as caught:
         load_identity(files / "cert.pem", files / "other.key", None)
     assert str(caught.value) == "certificate does not match the private key"
@@ -361,7 +361,7 @@ def test_certificate_key_mismatch(files: Path, ca: CA) -> None:
 def test_chain_in_wrong_order_hint(
     files: Path, ca: CA, leaf: tuple[CertificateIssuerPrivateKeyTypes, x509.Certificate]
 ) -> None:
-    pki.write_pem_cert(files / "reversed.pem", ca[1], leaf[1])
+    devpki.write_pem_cert(files / "reversed.pem", ca[1], leaf[1])
     with pytest.raises(CertificateError) as caught:
         load_identity(files / "reversed.pem", files / "key.pem", None)
     assert str(caught.value).startswith("certificate does not match the private key")
@@ -384,22 +384,24 @@ def test_load_ca_file(files: Path, ca: CA, leaf: tuple[object, x509.Certificate]
 
 
 def test_load_ca_folder_any_names(tmp_path: Path, files: Path, ca: CA) -> None:
-    _, second = pki.make_ca("second CA")
-    _, third = pki.make_ca("third CA")
+    _, second = devpki.make_ca("second CA")
+    _, third = devpki.make_ca("third CA")
     folder = tmp_path / "trust"
     folder.mkdir()
-    pki.write_pem_cert(folder / "hospital-root.crt", ca[1])
+    devpki.write_pem_cert(folder / "hospital-root.crt", ca[1])
     (folder / "Vendor Root CA.cer").write_bytes(second.public_bytes(Encoding.DER))
-    pki.write_pem_cert(folder / "noext", third)
+    devpki.write_pem_cert(folder / "noext", third)
     (folder / "abcd1234.0").symlink_to(folder / "hospital-root.crt")  # an OpenSSL hash link
     (folder / "README.txt").write_text("Put the CA certificates here.\n")
     shutil.copy(files / "key.pem", folder / "leftover.key")
     (folder / "empty").write_bytes(b"")
     (folder / "dangling.pem").symlink_to(folder / "missing.pem")
     (folder / "sub").mkdir()
-    _, nested = pki.make_ca("nested CA")
-    pki.write_pem_cert(folder / "sub" / "nested.pem", nested)
-    crl = pki.make_crl(*ca, [], next_update=datetime.datetime.now(UTC) + datetime.timedelta(days=1))
+    _, nested = devpki.make_ca("nested CA")
+    devpki.write_pem_cert(folder / "sub" / "nested.pem", nested)
+    crl = devpki.make_crl(
+        *ca, [], next_update=datetime.datetime.now(UTC) + datetime.timedelta(days=1)
+    )
     (folder / "ca.crl").write_bytes(crl.public_bytes(Encoding.DER))
 
     loaded = load_ca(folder)
@@ -433,8 +435,8 @@ def test_load_ca_folder_with_broken_certificate(tmp_path: Path) -> None:
 
 def test_load_crls_pem_and_der(tmp_path: Path, ca: CA) -> None:
     soon = datetime.datetime.now(UTC) + datetime.timedelta(days=30)
-    first = pki.make_crl(*ca, [1, 2], next_update=soon, crl_number=1)
-    second = pki.make_crl(*ca, [3], next_update=soon, crl_number=2)
+    first = devpki.make_crl(*ca, [1, 2], next_update=soon, crl_number=1)
+    second = devpki.make_crl(*ca, [3], next_update=soon, crl_number=2)
     (tmp_path / "one.pem").write_bytes(first.public_bytes(Encoding.PEM))
     (tmp_path / "two.crl").write_bytes(second.public_bytes(Encoding.DER))
     (tmp_path / "both.pem").write_bytes(
@@ -461,9 +463,9 @@ def test_load_crls_errors(tmp_path: Path, files: Path) -> None:
 def test_crl_staleness(ca: CA) -> None:
     now = datetime.datetime.now(UTC)
     day = datetime.timedelta(days=1)
-    fresh = pki.make_crl(*ca, [], next_update=now + 30 * day)
-    ending = pki.make_crl(*ca, [], next_update=now + 3 * day)
-    stale = pki.make_crl(*ca, [], last_update=now - 10 * day, next_update=now - day)
+    fresh = devpki.make_crl(*ca, [], next_update=now + 30 * day)
+    ending = devpki.make_crl(*ca, [], next_update=now + 3 * day)
+    stale = devpki.make_crl(*ca, [], last_update=now - 10 * day, next_update=now - day)
 
     assert not crl_is_stale(fresh, now) and not crl_expires_soon(fresh, now)
     assert not crl_is_stale(ending, now) and crl_expires_soon(ending, now)
@@ -471,7 +473,7 @@ def test_crl_staleness(ca: CA) -> None:
     assert crl_is_stale(stale, now) and not crl_expires_soon(stale, now)
     assert crl_is_stale(fresh, now + 31 * day)
     # Without nextUpdate nobody can tell whether a CRL is current: stale, as the TLS policy says.
-    undated = pki.make_crl(*ca, [], next_update=None)
+    undated = devpki.make_crl(*ca, [], next_update=None)
     assert undated.next_update_utc is None
     assert crl_is_stale(undated, now) and not crl_expires_soon(undated, now)
     with pytest.raises(ValueError, match="timezone"):

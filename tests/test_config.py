@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -18,7 +19,9 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from dicom_tls_proxy.cli import main
-from dicom_tls_proxy.config import load_config, parse_endpoint
+from dicom_tls_proxy.config import load_config
+from dicom_tls_proxy.config_schema import TlsTable, parse_endpoint
+from dicom_tls_proxy.thumbprint import parse_thumbprint
 from tests.support import certificate_of, toml_dumps
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,7 +289,7 @@ def test_watch_keys_load_and_every_file_read_is_listed(tmp_path: Path, pki: Path
     path.write_text(toml_dumps(base_config(pki)))
     config = load_config(path)
     assert (config.proxy.watch, config.proxy.watch_interval) == (False, 1.0)
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
     next_update = datetime.now(UTC) + timedelta(days=30)
@@ -330,7 +333,7 @@ def test_broken_config_names_file_and_key(
 
 
 def test_crl_not_signed_by_a_configured_ca(tmp_path: Path, pki: Path) -> None:
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     other_key, other_ca = factory.make_ca("Other CA")
     crl = factory.make_crl(other_key, other_ca, [], next_update=None)
@@ -545,6 +548,48 @@ def test_endpoints(text: str, host: str, port: int) -> None:
     endpoint = parse_endpoint(text)
     assert (endpoint.host, endpoint.port) == (host, port)
     assert str(endpoint) == text
+
+
+def test_probe_table_has_the_defaults_of_a_toml_table(tmp_path: Path, pki: Path) -> None:
+    """`echo` builds its table with `TlsTable.for_probe`: what it does not set is what a
+    `[tls.NAME]` table gets for a key it leaves out."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml_dumps(base_config(pki)))
+    out = load_config(path).tls["out"]  # ca and server_name, nothing else
+    probe = TlsTable.for_probe(
+        ca=out.ca, server_name=out.server_name, ca_certificates=out.ca_certificates
+    )
+    assert probe == dataclasses.replace(out, name="probe")
+
+
+@pytest.mark.parametrize(
+    ("ca", "pinned", "verify"),
+    [
+        (True, False, "chain"),
+        (True, True, "chain+thumbprint"),
+        (False, True, "thumbprint"),
+        (False, False, "none"),
+    ],
+)
+def test_probe_table_verifies_with_what_it_was_given(
+    pki: Path, ca: bool, pinned: bool, verify: str
+) -> None:
+    thumbprints = (parse_thumbprint("ab" * 32),) if pinned else ()
+    table = TlsTable.for_probe(ca=pki / "ca.pem" if ca else None, accepted_thumbprints=thumbprints)
+    assert (table.name, table.verify, table.accepted_thumbprints) == ("probe", verify, thumbprints)
+
+
+def test_schema_imports_no_openssl_or_cryptography() -> None:
+    """Code that only reads a config imports `config_schema`: that must not load OpenSSL,
+    pyOpenSSL or cryptography (their types are annotations there, never imported)."""
+    code = (
+        "import sys, dicom_tls_proxy.config_schema\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('OpenSSL', 'cryptography')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_example_config_passes_after_certs_init(tmp_path: Path) -> None:

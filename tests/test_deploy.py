@@ -306,7 +306,9 @@ def test_dockerfile() -> None:
     assert json.loads(instruction("ENTRYPOINT")[-1]) == ["dicom-tls-proxy"]
     assert json.loads(instruction("CMD")[-1]) == ["run", "-c", CONFIG_IN_IMAGE]
     # Built from the repository root: what it copies is there.
-    for args in instruction("COPY"):
+    copies = instruction("COPY")
+    assert copies
+    for args in copies:
         *sources, _ = args.split()
         for source in sources:
             assert (REPO / source).exists(), source

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,
@@ -516,7 +516,7 @@ ACCEPTED = "cause: the server accepted the association and then "
             id="c-store-rsp",
         ),
         pytest.param(
-            answers(pdu.encode_p_data(1, b"\xff" * 16, command=True)),
+            answers(dimse.encode_p_data(1, b"\xff" * 16, command=True)),
             "",
             [
                 ACCEPTED + "answered the C-ECHO with a command set that does not parse "

@@ -148,3 +148,52 @@ def test_cause_in_words_when_the_upstream_accepts_and_closes(tmp_path: Path, pki
             assert "Error" not in route["cause"] + down["cause"]
     finally:
         upstream.close()
+
+
+def test_a_route_goes_up_down_and_up_again_without_a_reload(tmp_path: Path, pki: Path) -> None:
+    """Past health_check_interval many times: the checks go on while the device is up, while it
+    is down and after it came back on its port; each change of state is logged once, and only
+    the changes are."""
+    device = LegacyDevice()
+    port, address = device.port, device.address
+    check = {"health_check": True, "health_check_interval": INTERVAL, "health_check_timeout": 5}
+    cfg = proxy_config(
+        pki,
+        address,
+        metrics={"bind": "127.0.0.1:0"},
+        route=[{"called_ae": "CT", "upstream": address, **check}],
+    )
+
+    def recheck(ok: bool, times: int) -> None:
+        """Wait for `times` further checks of CT, each with this result."""
+        seen: set[str] = set()
+
+        def more() -> bool:
+            route = readyz(proxy)[1]["routes"]["CT"]
+            if route["ok"] is ok:
+                seen.add(route["checked_at"])
+            return len(seen) > times
+
+        wait_until(more, what=f"{times} more checks with ok={ok}")
+
+    try:
+        with running_proxy(tmp_path, cfg) as proxy:
+            proxy.wait_for(event="upstream-up", route="CT")
+            wait_until(lambda: device.associations >= 4, what="4 checks of the live device")
+            device.close()
+            down = proxy.wait_for(event="upstream-down", route="CT")
+            assert "connection refused" in down["cause"]
+            recheck(False, 3)  # still checking the dead port
+            device = LegacyDevice(port=port)  # the device is back, at the same address
+            wait_until(
+                lambda: len(proxy.find(event="upstream-up", route="CT")) == 2, what="up again"
+            )
+            recheck(True, 3)
+            assert device.associations >= 3
+            samples = scrape(metrics_address(proxy))
+            assert value(samples, "dicom_tls_proxy_upstream_up", route="CT") == 1
+            changes = [x["event"] for x in proxy.find() if x["event"].startswith("upstream-")]
+            assert changes == ["upstream-up", "upstream-down", "upstream-up"]
+            assert not proxy.find(event="reloaded")
+    finally:
+        device.close()

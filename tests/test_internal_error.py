@@ -14,7 +14,9 @@ import trio
 
 from dicom_tls_proxy import pdu, routing
 from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.server import Proxy, bind_listeners
+from dicom_tls_proxy.listener import serve
+from dicom_tls_proxy.process import bind_listeners
+from dicom_tls_proxy.proxy import Proxy
 from tests.support import RawClient, build_rq, proxy_config, toml_dumps
 
 
@@ -37,7 +39,7 @@ async def test_an_internal_error_is_the_proxy_s_not_the_peer_s(
     caplog.set_level(logging.INFO, logger="dicom_tls_proxy")
     proxy = Proxy(config)
     async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(proxy.serve, await bind_listeners(config))
+        addresses = await nursery.start(serve, proxy, await bind_listeners(config))
         host, _, port = addresses[0].rpartition(":")
 
         def exchange() -> tuple[bytes, bytes]:

@@ -195,7 +195,7 @@ def test_upstream_certificate_judged(
                 assert client.read_pdu()[0] == pdu.A_RELEASE_RP
             else:
                 assert answer == pdu.encode_reject(2, 3, 1)
-                assert client.read_eof() == b""
+                assert client.read_clean_close() == b""
         finally:
             client.close()
         line = proxy.association()

@@ -11,7 +11,7 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pynetdicom import pdu as pyn_pdu
 from pynetdicom import pdu_primitives as prim
@@ -23,15 +23,12 @@ from dicom_tls_proxy.pdu import (
     AssociateAccept,
     AssociateReject,
     AssociateRequest,
-    BoundaryTracker,
     DataTransfer,
     PduError,
-    PresentationContextItem,
-    PresentationContextResult,
     ReleaseReply,
     ReleaseRequest,
-    UserItem,
 )
+from dicom_tls_proxy.pdu_items import PresentationContextItem, PresentationContextResult, UserItem
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -282,6 +279,47 @@ def test_rewrite_called_ae_refuses_other_pdus_and_bad_titles() -> None:
         pdu.rewrite_called_ae(pdu.encode_abort(0, 0), "ARCHIVE")
     with pytest.raises(ValueError, match="backslash"):
         pdu.rewrite_called_ae(pyn_rq(), "A\\B")
+
+
+def test_echo_called_ae_gives_the_client_its_own_title_back() -> None:
+    """The route calls the upstream ARCHIVE; its AC repeats ARCHIVE; the client called CT (padded
+    with NULs, as older devices do) and gets those 16 bytes back as it sent them."""
+    client_rq = make_associate(called=b"CT".ljust(16, b"\x00"))
+    upstream_rq = pdu.rewrite_called_ae(client_rq, "ARCHIVE")
+    assert upstream_rq[10:26] == b"ARCHIVE".ljust(16)
+    upstream_ac = pdu.rewrite_called_ae(pyn_ac([(1, 0, IMPLICIT)]), "ARCHIVE")
+    answer = pdu.echo_called_ae(upstream_ac, client_rq)
+    assert answer[10:26] == b"CT" + bytes(14)
+    assert answer[:10] == upstream_ac[:10] and answer[26:] == upstream_ac[26:]
+    assert answer == upstream_ac[:10] + client_rq[10:26] + upstream_ac[26:]  # as server.py did
+    ac = pdu.parse_pdu(answer)
+    assert isinstance(ac, AssociateAccept) and ac.called_ae == "CT"
+    assert ac.presentation_contexts == (PresentationContextResult(1, 0, IMPLICIT),)
+    theirs = pyn_pdu.A_ASSOCIATE_AC()
+    theirs.decode(answer)
+    assert theirs.reserved_aet.rstrip("\x00 ") == "CT"  # what the client sent, NULs and all
+
+
+def test_echo_called_ae_of_an_unchanged_title_changes_nothing() -> None:
+    rq = pyn_rq()
+    ac = pdu.rewrite_called_ae(pyn_ac([(1, 0, IMPLICIT)]), "STORESCP")
+    assert pdu.echo_called_ae(ac, rq) == ac
+
+
+@pytest.mark.parametrize(
+    ("ac", "rq", "words"),
+    [
+        (lambda: pyn_rq(), lambda: pyn_rq(), "A-ASSOCIATE-AC"),
+        (lambda: pdu.encode_reject(1, 1, 7), lambda: pyn_rq(), "A-ASSOCIATE-AC"),
+        (lambda: pyn_ac([(1, 0, IMPLICIT)])[:73], lambda: pyn_rq(), "A-ASSOCIATE-AC"),
+        (lambda: pyn_ac([(1, 0, IMPLICIT)]), lambda: pyn_ac([(1, 0, IMPLICIT)]), "-RQ"),
+        (lambda: pyn_ac([(1, 0, IMPLICIT)]), lambda: pyn_rq()[:26], "-RQ"),
+        (lambda: b"", lambda: b"", "A-ASSOCIATE-AC"),
+    ],
+)
+def test_echo_called_ae_refuses_what_is_no_whole_ac_and_rq(ac: Any, rq: Any, words: str) -> None:
+    with pytest.raises(PduError, match=words):
+        pdu.echo_called_ae(ac(), rq())
 
 
 # --------------------------------------------------------------------------- AE titles
@@ -554,81 +592,6 @@ def test_describe() -> None:
     assert pdu.describe(DataTransfer(make_pdu(4, bytes(10)))) == "P-DATA-TF 10 bytes"
 
 
-# --------------------------------------------------------------------------- framing
-
-
-def test_parse_header_and_length_needed() -> None:
-    raw = pyn_rq()
-    assert pdu.parse_header(raw) == (1, len(raw) - 6)
-    assert pdu.parse_header(memoryview(raw)[:6]) == (1, len(raw) - 6)
-    with pytest.raises(PduError) as info:
-        pdu.parse_header(raw[:5])
-    assert info.value.abort_reason == 6
-    assert pdu.pdu_length_needed(raw[:5]) is None
-    assert pdu.pdu_length_needed(bytearray(raw[:6])) == len(raw)
-    assert pdu.pdu_length_needed(raw + pdu.encode_release_rq()) == len(raw)
-    with pytest.raises(PduError, match="more than the limit"):
-        pdu.pdu_length_needed(raw, max_pdu_length=100)
-    with pytest.raises(PduError) as info:
-        pdu.pdu_length_needed(b"\x09\x00\xff\xff\xff\xff")
-    assert info.value.abort_reason == pdu.UNRECOGNIZED_PDU
-    with pytest.raises(PduError, match="must be 4"):
-        pdu.pdu_length_needed(b"\x07\x00\x00\x00\x00\x05")
-
-
-def test_tracker_basics() -> None:
-    tracker = BoundaryTracker()
-    assert tracker.at_boundary and tracker.pdus == 0 and tracker.last_type is None
-    data_tf = make_pdu(pdu.P_DATA_TF, struct.pack(">I", 3) + b"\x01\x03x")
-    stream = pyn_rq() + data_tf + pdu.encode_release_rq()
-    tracker.feed(stream[:3])
-    assert not tracker.at_boundary
-    tracker.feed(memoryview(stream)[3:-1])
-    assert not tracker.at_boundary and tracker.pdus == 2 and tracker.last_type == pdu.P_DATA_TF
-    assert not tracker.seen_release_rq
-    tracker.feed(stream[-1:])
-    assert tracker.at_boundary and tracker.pdus == 3 and tracker.seen_release_rq
-    assert not tracker.seen_release_rp and not tracker.seen_abort
-    tracker.feed(b"")
-    tracker.feed(pdu.encode_release_rp() + pdu.encode_abort(0, 0))
-    assert tracker.seen_release_rp and tracker.seen_abort and tracker.last_type == pdu.A_ABORT
-
-
-def test_tracker_empty_body_completes_at_header() -> None:
-    tracker = BoundaryTracker()
-    tracker.feed(make_pdu(pdu.P_DATA_TF, b""))
-    assert tracker.at_boundary and tracker.pdus == 1
-
-
-def test_tracker_errors_are_sticky() -> None:
-    tracker = BoundaryTracker(max_pdu_length=1000)
-    tracker.feed(make_pdu(pdu.P_DATA_TF, bytes(1000)))
-    with pytest.raises(PduError, match="more than the limit 1000") as info:
-        tracker.feed(b"\x04\x00\x00\x00" + b"\x03\xe9")
-    assert info.value.abort_reason == 6
-    with pytest.raises(PduError, match="more than the limit"):
-        tracker.feed(pdu.encode_release_rq())
-    assert tracker.pdus == 1
-
-    tracker = BoundaryTracker()
-    with pytest.raises(PduError) as info:
-        tracker.feed(b"\x00\x00\x00\x00\x00\x00")
-    assert info.value.abort_reason == pdu.UNRECOGNIZED_PDU
-    tracker = BoundaryTracker()
-    with pytest.raises(PduError, match="must be 4"):
-        tracker.feed(b"\x06\x00\x00")
-        tracker.feed(b"\x00\x00\x00")
-
-
-def test_tracker_skips_bodies_without_looking() -> None:
-    """A body full of bytes that look like headers must not be read as headers."""
-    fake_headers = pdu.encode_abort(2, 6) * 1000
-    pdv = struct.pack(">I", len(fake_headers) + 2) + b"\x01\x00" + fake_headers
-    tracker = BoundaryTracker()
-    tracker.feed(make_pdu(pdu.P_DATA_TF, pdv))
-    assert tracker.pdus == 1 and tracker.at_boundary and not tracker.seen_abort
-
-
 # --------------------------------------------------------------------------- properties
 
 
@@ -729,54 +692,3 @@ def test_mutated_requests_parse_or_pdu_error(
         assert error.abort_reason == pdu.INVALID_PARAMETER and str(error)
     else:
         assert isinstance(result, AssociateRequest)
-
-
-def valid_pdus() -> st.SearchStrategy[bytes]:
-    fixed = st.sampled_from(
-        [pdu.encode_release_rq(), pdu.encode_release_rp(), pdu.encode_abort(2, 1)]
-    )
-    data_tf = st.binary(max_size=300).map(
-        lambda b: make_pdu(pdu.P_DATA_TF, struct.pack(">I", len(b) + 2) + b"\x01\x00" + b)
-    )
-    associate = st.sampled_from([make_associate(), pdu.encode_reject(1, 1, 7)])
-    return st.one_of(fixed, data_tf, associate)
-
-
-@given(st.lists(valid_pdus(), max_size=12), st.data())
-@settings(max_examples=300)
-def test_tracker_chunking_does_not_matter(pdus: list[bytes], data: st.DataObject) -> None:
-    stream = b"".join(pdus)
-    boundaries, total = set(), 0
-    for one in pdus:
-        total += len(one)
-        boundaries.add(total)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
-    tracker = BoundaryTracker()
-    previous = 0
-    for cut in [*cuts, len(stream)]:
-        tracker.feed(memoryview(stream)[previous:cut])
-        previous = cut
-        assert tracker.at_boundary == (cut == 0 or cut in boundaries)
-        assert tracker.pdus == sum(1 for b in boundaries if b <= cut)
-    whole = BoundaryTracker()
-    whole.feed(stream)
-    assert (
-        (tracker.pdus, tracker.last_type)
-        == (whole.pdus, whole.last_type)
-        == (
-            len(pdus),
-            pdus[-1][0] if pdus else None,
-        )
-    )
-    for flag, pdu_type in [("seen_release_rq", 5), ("seen_release_rp", 6), ("seen_abort", 7)]:
-        assert getattr(tracker, flag) == getattr(whole, flag) == any(p[0] == pdu_type for p in pdus)
-
-
-@given(st.lists(st.binary(max_size=64), max_size=10), st.one_of(st.none(), st.integers(0, 100)))
-def test_tracker_on_any_bytes_only_raises_pdu_error(chunks: list[bytes], cap: int | None) -> None:
-    tracker = BoundaryTracker(max_pdu_length=cap)
-    try:
-        for chunk in chunks:
-            tracker.feed(chunk)
-    except PduError as error:
-        assert error.abort_reason in (1, 6)

@@ -4,7 +4,8 @@ Covers the four `verify` modes, every certificate-policy refusal (and what
 `allow_weak_peer_certificates` lets through), the three `peer_certificate` modes, every `allow_peer`
 matcher kind, and the TLS profiles. Each test asserts what the client sees (an association, an
 A-ASSOCIATE-RJ, or a TLS alert raised as `ssl.SSLError`) and the reason in the proxy's log line.
-Certificates are made once per session by `dicom_tls_proxy.pki`, signed by the session's `pki` CA.
+Certificates are made once per session by `dicom_tls_proxy.devpki`, signed by the session's `pki`
+CA.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
-from dicom_tls_proxy import pdu, pki
+from dicom_tls_proxy import devpki, pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,
@@ -90,40 +91,42 @@ def _rich_leaf(ca: CA) -> KeyAndCert:
 
 def _with_own_root(ca: CA) -> KeyAndCert:
     """A leaf of another CA, sent with that CA's root (as many devices send their chain)."""
-    root = pki.make_ca("another CA")
-    return (*pki.make_leaf(*root, "stranger-with-chain", server=False), root[1])
+    root = devpki.make_ca("another CA")
+    return (*devpki.make_leaf(*root, "stranger-with-chain", server=False), root[1])
 
 
 # What each named client certificate is: "self-signed", "pinned-*", "other-ca*" are not signed by
 # the session CA, all the others are.
 RECIPES: dict[str, Callable[[CA], KeyAndCert]] = {
-    "good": lambda ca: pki.make_leaf(*ca, "good-client", server=False),
-    "pinned": lambda ca: pki.make_leaf(*ca, "pinned-client", server=False),
-    "revoked": lambda ca: pki.make_leaf(*ca, "revoked-client", server=False),
-    "expired": lambda ca: pki.make_leaf(
+    "good": lambda ca: devpki.make_leaf(*ca, "good-client", server=False),
+    "pinned": lambda ca: devpki.make_leaf(*ca, "pinned-client", server=False),
+    "revoked": lambda ca: devpki.make_leaf(*ca, "revoked-client", server=False),
+    "expired": lambda ca: devpki.make_leaf(
         *ca, "expired-client", server=False, not_before=NOW - 30 * DAY, not_after=NOW - DAY
     ),
-    "not-yet-valid": lambda ca: pki.make_leaf(
+    "not-yet-valid": lambda ca: devpki.make_leaf(
         *ca, "future-client", server=False, not_before=NOW + DAY, not_after=NOW + 30 * DAY
     ),
-    "server-only": lambda ca: pki.make_leaf(*ca, "server-only", server=True, client=False),
-    "rsa1024": lambda ca: pki.make_leaf(*ca, "rsa1024-client", server=False, key_size=1024),
-    "sha1": lambda ca: pki.make_leaf(*ca, "sha1-client", server=False, hash_alg=hashes.SHA1()),
-    "self-signed": lambda ca: pki.make_self_signed("modality-self-signed", server=False),
-    "other-ca": lambda ca: pki.make_leaf(*pki.make_ca("another CA"), "stranger", server=False),
+    "server-only": lambda ca: devpki.make_leaf(*ca, "server-only", server=True, client=False),
+    "rsa1024": lambda ca: devpki.make_leaf(*ca, "rsa1024-client", server=False, key_size=1024),
+    "sha1": lambda ca: devpki.make_leaf(*ca, "sha1-client", server=False, hash_alg=hashes.SHA1()),
+    "self-signed": lambda ca: devpki.make_self_signed("modality-self-signed", server=False),
+    "other-ca": lambda ca: devpki.make_leaf(
+        *devpki.make_ca("another CA"), "stranger", server=False
+    ),
     "other-ca-chain": _with_own_root,
     "rich": _rich_leaf,
     # self-signed, for thumbprint pinning
-    "pinned-sha1": lambda ca: pki.make_self_signed(
+    "pinned-sha1": lambda ca: devpki.make_self_signed(
         "pinned-sha1", server=False, hash_alg=hashes.SHA1()
     ),
-    "pinned-rsa1024": lambda ca: pki.make_self_signed(
+    "pinned-rsa1024": lambda ca: devpki.make_self_signed(
         "pinned-rsa1024", server=False, key_size=1024
     ),
-    "pinned-expired": lambda ca: pki.make_self_signed(
+    "pinned-expired": lambda ca: devpki.make_self_signed(
         "pinned-expired", server=False, not_before=NOW - 30 * DAY, not_after=NOW - DAY
     ),
-    "pinned-server-only": lambda ca: pki.make_self_signed(
+    "pinned-server-only": lambda ca: devpki.make_self_signed(
         "pinned-server-only", server=True, client=False
     ),
 }
@@ -164,8 +167,8 @@ class Certs:
         if name not in self._made:
             key, cert, *chain = RECIPES[name](self.ca)
             cred = Cred(self.dir / f"{name}.pem", self.dir / f"{name}.key", cert)
-            pki.write_pem_key(cred.key, key)
-            pki.write_pem_cert(cred.cert, cert, *chain)
+            devpki.write_pem_key(cred.key, key)
+            devpki.write_pem_cert(cred.cert, cert, *chain)
             self._made[name] = cred
         return self._made[name]
 
@@ -175,9 +178,9 @@ class Certs:
         if not path.exists():
             if kind == "revoked":
                 serials = [self("revoked").certificate.serial_number]
-                crl = pki.make_crl(*self.ca, serials, next_update=NOW + 30 * DAY)
+                crl = devpki.make_crl(*self.ca, serials, next_update=NOW + 30 * DAY)
             else:
-                crl = pki.make_crl(*self.ca, [], next_update=NOW - DAY)
+                crl = devpki.make_crl(*self.ca, [], next_update=NOW - DAY)
             path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
         return path
 
@@ -241,7 +244,7 @@ def rejected(proxy: ProxyProcess, ctx: ssl.SSLContext, called_ae: str, reason: s
     try:
         client.send(build_rq(called_ae))
         assert client.read_pdu() == pdu.encode_reject(1, 1, 1)
-        assert client.read_eof() == b""
+        assert client.read_clean_close() == b""
     finally:
         client.close()
     line = proxy.association(reason=reason, called_ae=called_ae)
@@ -613,7 +616,7 @@ def test_allow_peer_matcher(
 def _bundled_openssl_speaks(version: int, name: str) -> bool:
     """Whether pyOpenSSL's OpenSSL (the proxy's) completes a handshake at `version` with itself,
     at the legacy profile's security level."""
-    key, cert = pki.make_self_signed("probe")
+    key, cert = devpki.make_self_signed("probe")
     server = SSL.Context(SSL.TLS_SERVER_METHOD)
     server.set_min_proto_version(SSL.TLS1_VERSION)
     server.set_cipher_list(b"DEFAULT:@SECLEVEL=0")

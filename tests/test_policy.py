@@ -1,8 +1,9 @@
-"""Tests for dicom_tls_proxy.policy, on certificates made on the fly.
+"""Tests for dicom_tls_proxy.policy and its parts (certnames, certfields): certificates made on
+the fly.
 
-Certificates come from dicom_tls_proxy.pki where it can make them (its SHA-1 certificates are
-real: TBS re-signed with SHA-1, which OpenSSL verifies); odd ones (DSA keys, custom key usages,
-duplicate extensions, a CRL without nextUpdate) are built here with cryptography and, where
+Certificates come from dicom_tls_proxy.devpki where it can make them (its SHA-1 certificates are
+real: TBS re-signed with SHA-1, which OpenSSL verifies; so is its CRL without nextUpdate); odd ones
+(DSA keys, custom key usages, duplicate extensions) are built here with cryptography and, where
 cryptography refuses, by editing DER. MD5 and RSA-PSS/SHA-1 signatures come from the openssl CLI.
 """
 
@@ -30,18 +31,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import crypto
 
-from dicom_tls_proxy import pki
+from dicom_tls_proxy import devpki
+from dicom_tls_proxy.certnames import certificate_names, server_name_matches
 from dicom_tls_proxy.policy import (
     Problem,
     Purpose,
-    certificate_names,
     check_certificate,
     check_revocation,
     crl_signed_by,
     describe,
     openssl_error_reason,
     peer_identity,
-    server_name_matches,
 )
 from dicom_tls_proxy.thumbprint import certificate_thumbprints
 from dicom_tls_proxy.vocabulary import EXPLANATIONS, TLS_REASONS, Reason
@@ -58,12 +58,12 @@ Key = CertificateIssuerPrivateKeyTypes
 
 @pytest.fixture(scope="module")
 def ca() -> tuple[Key, x509.Certificate]:
-    return pki.make_ca("Policy Test CA")
+    return devpki.make_ca("Policy Test CA")
 
 
 @pytest.fixture(scope="module")
 def other_ca() -> tuple[Key, x509.Certificate]:
-    return pki.make_ca("Other CA", private_key=ec.generate_private_key(ec.SECP256R1()))
+    return devpki.make_ca("Other CA", private_key=ec.generate_private_key(ec.SECP256R1()))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def ec_key() -> ec.EllipticCurvePrivateKey:
 @pytest.fixture(scope="module")
 def leaf(ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     ca_key, ca_cert = ca
-    return pki.make_leaf(
+    return devpki.make_leaf(
         ca_key,
         ca_cert,
         "pacs.example.org",
@@ -141,49 +141,6 @@ def reasons(problems: Sequence[Problem]) -> list[Reason]:
     return [problem.reason for problem in problems]
 
 
-# DER editing, for what cryptography refuses to build.
-
-
-def _der_read(data: bytes, offset: int) -> tuple[int, int]:
-    """(start of value, end of value) of the DER element at offset."""
-    first = data[offset + 1]
-    if first < 0x80:
-        return offset + 2, offset + 2 + first
-    count = first & 0x7F
-    start = offset + 2 + count
-    return start, start + int.from_bytes(data[offset + 2 : start], "big")
-
-
-def _der_children(data: bytes) -> list[bytes]:
-    start, end = _der_read(data, 0)
-    children = []
-    while start < end:
-        child_end = _der_read(data, start)[1]
-        children.append(data[start:child_end])
-        start = child_end
-    return children
-
-
-def _der_sequence(children: Sequence[bytes]) -> bytes:
-    body = b"".join(children)
-    if len(body) < 0x80:
-        return bytes([0x30, len(body)]) + body
-    size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
-    return bytes([0x30, 0x80 | len(size)]) + size + body
-
-
-def crl_without_next_update(crl: x509.CertificateRevocationList) -> x509.CertificateRevocationList:
-    """The CRL with its nextUpdate removed (the signature no longer verifies; nothing here checks
-    it)."""
-    tbs, algorithm, signature = _der_children(crl.public_bytes(serialization.Encoding.DER))
-    fields = _der_children(tbs)
-    # version, signature, issuer, thisUpdate, nextUpdate, ...: times are UTCTime or GeneralizedTime
-    times = [i for i, field in enumerate(fields) if field[0] in (0x17, 0x18)]
-    assert len(times) == 2
-    del fields[times[1]]
-    return x509.load_der_x509_crl(_der_sequence([_der_sequence(fields), algorithm, signature]))
-
-
 def cert_with_duplicate_san(issuer_key: Key) -> x509.Certificate:
     """A certificate with two subjectAltName extensions (made as SAN + issuerAltName, then the
     issuerAltName OID 2.5.29.18 renamed 2.5.29.17, same length)."""
@@ -224,12 +181,12 @@ def test_good_leaf_has_no_problems(
     ca: tuple[Key, x509.Certificate], leaf: x509.Certificate, purpose: Purpose
 ) -> None:
     assert check_certificate(leaf, now=datetime.now(UTC), purpose=purpose) == []
-    rsa_leaf = pki.make_leaf(*ca, "rsa-leaf")[1]
+    rsa_leaf = devpki.make_leaf(*ca, "rsa-leaf")[1]
     assert check_certificate(rsa_leaf, now=datetime.now(UTC), purpose=purpose) == []
 
 
 def test_expired(ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey) -> None:
-    cert = pki.make_leaf(
+    cert = devpki.make_leaf(
         *ca,
         "old",
         not_before=datetime(2024, 1, 1, tzinfo=UTC),
@@ -245,7 +202,7 @@ def test_not_yet_valid(
     ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
     start = datetime(2031, 2, 3, 4, 5, tzinfo=UTC)
-    cert = pki.make_leaf(
+    cert = devpki.make_leaf(
         *ca, "future", not_before=start, not_after=start + DAY, private_key=ec_key
     )[1]
     assert check_certificate(cert, now=datetime.now(UTC), purpose="server") == [
@@ -258,7 +215,7 @@ def test_validity_bounds_are_inclusive_and_naive_now_is_utc(
 ) -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     end = datetime(2026, 1, 2, tzinfo=UTC)
-    cert = pki.make_leaf(*ca, "edges", not_before=start, not_after=end, private_key=ec_key)[1]
+    cert = devpki.make_leaf(*ca, "edges", not_before=start, not_after=end, private_key=ec_key)[1]
     assert check_certificate(cert, now=start, purpose="client") == []
     assert check_certificate(cert, now=end, purpose="client") == []
     later = end + timedelta(seconds=1)
@@ -280,7 +237,7 @@ def test_unknown_purpose_is_a_programming_error(leaf: x509.Certificate) -> None:
 
 def test_rsa_1024_is_weak(ca: tuple[Key, x509.Certificate]) -> None:
     # cryptography 50 still generates RSA-1024 (it refuses below 1024).
-    cert = pki.make_leaf(*ca, "small", key_size=1024)[1]
+    cert = devpki.make_leaf(*ca, "small", key_size=1024)[1]
     assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
         Problem(Reason.TLS_WEAK_CERTIFICATE, "RSA key of 1024 bits, below the 2048 required")
     ]
@@ -301,7 +258,7 @@ def test_rsa_1024_is_weak(ca: tuple[Key, x509.Certificate]) -> None:
 def test_ec_key_sizes(
     ca: tuple[Key, x509.Certificate], curve: ec.EllipticCurve, weak: bool
 ) -> None:
-    cert = pki.make_leaf(*ca, "ec", private_key=ec.generate_private_key(curve))[1]
+    cert = devpki.make_leaf(*ca, "ec", private_key=ec.generate_private_key(curve))[1]
     problems = check_certificate(cert, now=datetime.now(UTC), purpose="server")
     if weak:
         assert problems == [
@@ -338,7 +295,7 @@ def test_sha1_signed_leaf_is_weak_even_when_pinned(
     ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
     ca_key, ca_cert = ca
-    cert = pki.make_leaf(ca_key, ca_cert, "sha1", hash_alg=SHA1, private_key=ec_key)[1]
+    cert = devpki.make_leaf(ca_key, ca_cert, "sha1", hash_alg=SHA1, private_key=ec_key)[1]
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA1)
     expected = [Problem(Reason.TLS_WEAK_CERTIFICATE, "signed with SHA-1")]
     assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == expected
@@ -349,7 +306,7 @@ def test_sha1_signed_leaf_is_weak_even_when_pinned(
 @pytest.mark.parametrize("key_kind", ["rsa", "ec"])
 def test_pinned_self_signed_sha1_is_accepted(key_kind: str) -> None:
     private_key = ec.generate_private_key(ec.SECP256R1()) if key_kind == "ec" else None
-    cert = pki.make_self_signed("modality", hash_alg=SHA1, private_key=private_key)[1]
+    cert = devpki.make_self_signed("modality", hash_alg=SHA1, private_key=private_key)[1]
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA1)
     assert check_certificate(cert, now=datetime.now(UTC), purpose="client", pinned=True) == []
     assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
@@ -358,7 +315,7 @@ def test_pinned_self_signed_sha1_is_accepted(key_kind: str) -> None:
 
 
 def test_pinning_does_not_excuse_anything_else() -> None:
-    cert = pki.make_self_signed(
+    cert = devpki.make_self_signed(
         "old-modality",
         hash_alg=SHA1,
         key_size=1024,
@@ -378,7 +335,7 @@ def openssl_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         pytest.skip("no openssl command")
     directory = tmp_path_factory.mktemp("openssl")
     key = rsa.generate_private_key(65537, 2048)
-    (directory / "key.pem").write_bytes(pki.key_pem(key))
+    (directory / "key.pem").write_bytes(devpki.key_pem(key))
     yield executable, directory
 
 
@@ -425,8 +382,8 @@ def test_weak_hashes_signed_by_the_openssl_cli(
 def test_wrong_extended_key_usage(
     ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
-    server_only = pki.make_leaf(*ca, "srv", server=True, client=False, private_key=ec_key)[1]
-    client_only = pki.make_leaf(*ca, "cli", server=False, client=True, private_key=ec_key)[1]
+    server_only = devpki.make_leaf(*ca, "srv", server=True, client=False, private_key=ec_key)[1]
+    client_only = devpki.make_leaf(*ca, "cli", server=False, client=True, private_key=ec_key)[1]
     assert check_certificate(server_only, now=datetime.now(UTC), purpose="server") == []
     assert check_certificate(server_only, now=datetime.now(UTC), purpose="client") == [
         Problem(Reason.TLS_WRONG_USAGE, "extended key usage lacks clientAuth (has serverAuth)")
@@ -441,7 +398,7 @@ def test_extended_key_usage_names_unknown_oids(
     ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
     usages = [ExtendedKeyUsageOID.CODE_SIGNING, x509.ObjectIdentifier("1.3.6.1.4.1.99999.1")]
-    cert = pki.make_leaf(*ca, "odd", extended_key_usage=usages, private_key=ec_key)[1]
+    cert = devpki.make_leaf(*ca, "odd", extended_key_usage=usages, private_key=ec_key)[1]
     assert check_certificate(cert, now=datetime.now(UTC), purpose="client") == [
         Problem(
             Reason.TLS_WRONG_USAGE,
@@ -454,7 +411,7 @@ def test_extended_key_usage_names_unknown_oids(
 def test_any_extended_key_usage_and_no_eku_are_accepted(
     ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey, purpose: Purpose
 ) -> None:
-    any_usage = pki.make_leaf(
+    any_usage = devpki.make_leaf(
         *ca,
         "any",
         extended_key_usage=[
@@ -463,7 +420,7 @@ def test_any_extended_key_usage_and_no_eku_are_accepted(
         ],
         private_key=ec_key,
     )[1]
-    no_eku = pki.make_leaf(*ca, "none", server=False, client=False, private_key=ec_key)[1]
+    no_eku = devpki.make_leaf(*ca, "none", server=False, client=False, private_key=ec_key)[1]
     with pytest.raises(x509.ExtensionNotFound):
         no_eku.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
     assert check_certificate(any_usage, now=datetime.now(UTC), purpose=purpose) == []
@@ -510,7 +467,7 @@ def test_key_usage(
 def test_missing_key_usage_is_accepted(
     ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
-    cert = pki.make_leaf(*ca, "noku", key_usage=False, private_key=ec_key)[1]
+    cert = devpki.make_leaf(*ca, "noku", key_usage=False, private_key=ec_key)[1]
     assert check_certificate(cert, now=datetime.now(UTC), purpose="server") == []
 
 
@@ -530,7 +487,7 @@ def test_ca_true_leaf_is_accepted(ec_key: ec.EllipticCurvePrivateKey) -> None:
 
 def test_all_problems_are_reported_together(ca: tuple[Key, x509.Certificate]) -> None:
     ca_key, ca_cert = ca
-    cert = pki.make_leaf(
+    cert = devpki.make_leaf(
         ca_key,
         ca_cert,
         "everything-wrong",
@@ -574,7 +531,7 @@ def test_duplicate_extensions_are_a_problem_not_an_exception(
 def test_revoked(ca: tuple[Key, x509.Certificate], leaf: x509.Certificate) -> None:
     ca_key, ca_cert = ca
     last_update = datetime(2026, 3, 4, 5, 6, tzinfo=UTC)
-    crl = pki.make_crl(
+    crl = devpki.make_crl(
         ca_key,
         ca_cert,
         [leaf.serial_number, 12345],
@@ -614,14 +571,14 @@ def test_revocation_reason_is_named(
 
 
 def test_not_revoked(ca: tuple[Key, x509.Certificate], leaf: x509.Certificate) -> None:
-    crl = pki.make_crl(*ca, [leaf.serial_number + 1], next_update=NOW + DAY)
+    crl = devpki.make_crl(*ca, [leaf.serial_number + 1], next_update=NOW + DAY)
     assert check_revocation(leaf, [crl], NOW) is None
     assert check_revocation(leaf, [], NOW) is None
 
 
 def test_stale_crl(ca: tuple[Key, x509.Certificate], leaf: x509.Certificate) -> None:
     next_update = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
-    crl = pki.make_crl(
+    crl = devpki.make_crl(
         *ca, [], next_update=next_update, last_update=next_update - timedelta(days=7)
     )
     assert check_revocation(leaf, [crl], next_update) is None  # due at that instant, not past it
@@ -630,13 +587,15 @@ def test_stale_crl(ca: tuple[Key, x509.Certificate], leaf: x509.Certificate) -> 
         "the CRL of CN=Policy Test CA was due for renewal on 2026-01-02 03:04 UTC",
     )
     # One fresh CRL of the issuer does not excuse a stale one.
-    fresh = pki.make_crl(*ca, [], next_update=NOW + DAY)
+    fresh = devpki.make_crl(*ca, [], next_update=NOW + DAY)
     stale = check_revocation(leaf, [fresh, crl], NOW)
     assert stale is not None and stale.reason is Reason.TLS_CRL_STALE
 
 
 def test_revoked_wins_over_stale(ca: tuple[Key, x509.Certificate], leaf: x509.Certificate) -> None:
-    crl = pki.make_crl(*ca, [leaf.serial_number], next_update=NOW - DAY, last_update=NOW - 2 * DAY)
+    crl = devpki.make_crl(
+        *ca, [leaf.serial_number], next_update=NOW - DAY, last_update=NOW - 2 * DAY
+    )
     problem = check_revocation(leaf, [crl], NOW)
     assert problem is not None and problem.reason is Reason.TLS_REVOKED
 
@@ -644,7 +603,7 @@ def test_revoked_wins_over_stale(ca: tuple[Key, x509.Certificate], leaf: x509.Ce
 def test_crl_without_next_update_is_stale(
     ca: tuple[Key, x509.Certificate], leaf: x509.Certificate
 ) -> None:
-    crl = crl_without_next_update(pki.make_crl(*ca, [], next_update=NOW + DAY))
+    crl = devpki.make_crl(*ca, [], next_update=None)
     assert crl.next_update_utc is None
     assert check_revocation(leaf, [crl], NOW) == Problem(
         Reason.TLS_CRL_STALE, "the CRL of CN=Policy Test CA has no nextUpdate, so it may be stale"
@@ -654,7 +613,7 @@ def test_crl_without_next_update_is_stale(
 def test_crl_of_another_issuer_is_ignored(
     other_ca: tuple[Key, x509.Certificate], leaf: x509.Certificate
 ) -> None:
-    revoking_same_serial = pki.make_crl(
+    revoking_same_serial = devpki.make_crl(
         *other_ca, [leaf.serial_number], next_update=NOW - DAY, last_update=NOW - 2 * DAY
     )
     assert check_revocation(leaf, [revoking_same_serial], NOW) is None
@@ -663,15 +622,15 @@ def test_crl_of_another_issuer_is_ignored(
 def test_crl_signed_by(
     ca: tuple[Key, x509.Certificate], other_ca: tuple[Key, x509.Certificate]
 ) -> None:
-    crl = pki.make_crl(*ca, [1], next_update=NOW + DAY)
+    crl = devpki.make_crl(*ca, [1], next_update=NOW + DAY)
     assert crl_signed_by(crl, [ca[1]])
     assert crl_signed_by(crl, [other_ca[1], ca[1]])
     assert not crl_signed_by(crl, [other_ca[1]])
     assert not crl_signed_by(crl, [])
     # Same name, another key: an impostor.
-    impostor = pki.make_ca("Policy Test CA", private_key=ec.generate_private_key(ec.SECP256R1()))
+    impostor = devpki.make_ca("Policy Test CA", private_key=ec.generate_private_key(ec.SECP256R1()))
     assert not crl_signed_by(crl, [impostor[1]])
-    assert not crl_signed_by(pki.make_crl(*impostor, [], next_update=NOW + DAY), [ca[1]])
+    assert not crl_signed_by(devpki.make_crl(*impostor, [], next_update=NOW + DAY), [ca[1]])
 
 
 def test_crl_signer_needs_crl_sign_when_it_has_key_usage(
@@ -688,7 +647,7 @@ def test_crl_signer_needs_crl_sign_when_it_has_key_usage(
             extensions=extensions,
         )
 
-    crl = pki.make_crl(ec_key, ca_with(None), [], next_update=NOW + DAY)
+    crl = devpki.make_crl(ec_key, ca_with(None), [], next_update=NOW + DAY)
     assert crl_signed_by(crl, [ca_with(None)])
     assert crl_signed_by(crl, [ca_with(key_usage(key_cert_sign=True, crl_sign=True))])
     assert not crl_signed_by(crl, [ca_with(key_usage(key_cert_sign=True))])
@@ -758,14 +717,14 @@ def test_openssl_error_codes_empirically(
     ca_key, ca_cert = ca
     assert _openssl_verify(leaf, [ca_cert]) is None
 
-    expired = pki.make_leaf(
+    expired = devpki.make_leaf(
         *ca, "expired", not_before=NOW - 3 * DAY, not_after=NOW - DAY, private_key=ec_key
     )[1]
-    future = pki.make_leaf(
+    future = devpki.make_leaf(
         *ca, "future", not_before=NOW + DAY, not_after=NOW + 3 * DAY, private_key=ec_key
     )[1]
-    self_signed = pki.make_self_signed("self", private_key=ec_key)[1]
-    unknown_issuer = pki.make_leaf(*other_ca, "stranger", private_key=ec_key)[1]
+    self_signed = devpki.make_self_signed("self", private_key=ec_key)[1]
+    unknown_issuer = devpki.make_leaf(*other_ca, "stranger", private_key=ec_key)[1]
     # Claims the trusted CA as issuer but is signed by another RSA key (OpenSSL 3+ does not even
     # try an issuer whose key type cannot have made the signature: that would be 20, not 7).
     forged = build(
@@ -774,8 +733,8 @@ def test_openssl_error_codes_empirically(
         issuer=ca_cert.subject,
         issuer_key=rsa.generate_private_key(65537, 2048),
     )
-    revoking = pki.make_crl(ca_key, ca_cert, [leaf.serial_number], next_update=NOW + DAY)
-    stale = pki.make_crl(ca_key, ca_cert, [], next_update=NOW - DAY, last_update=NOW - 2 * DAY)
+    revoking = devpki.make_crl(ca_key, ca_cert, [leaf.serial_number], next_update=NOW + DAY)
+    stale = devpki.make_crl(ca_key, ca_cert, [], next_update=NOW - DAY, last_update=NOW - 2 * DAY)
 
     cases = [
         (expired, [ca_cert], (), 10, Reason.TLS_EXPIRED),
@@ -805,7 +764,7 @@ def test_openssl_error_codes_empirically(
 
 def test_openssl_accepts_the_sha1_certificates_pki_makes() -> None:
     # pki's SHA-1 certificates carry real SHA-1 signatures: OpenSSL verifies the self-signature.
-    cert = pki.make_self_signed("sha1", hash_alg=SHA1)[1]
+    cert = devpki.make_self_signed("sha1", hash_alg=SHA1)[1]
     assert _openssl_verify(cert, [cert]) is None
     untrusted = _openssl_verify(cert, [])
     assert untrusted is not None and untrusted[0] == 18
@@ -979,7 +938,7 @@ def test_describe(leaf: x509.Certificate, ca: tuple[Key, x509.Certificate]) -> N
     assert described["sha1"] == "sha1:" + leaf.fingerprint(hashes.SHA1()).hex()
     assert described["sha256"] == str(certificate_thumbprints(leaf)[0])
 
-    fixed = pki.make_leaf(
+    fixed = devpki.make_leaf(
         *ca,
         "fixed",
         not_before=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
@@ -1058,7 +1017,7 @@ def test_odd_names_in_certificates_never_raise(
 
 @pytest.fixture(scope="module")
 def rich_der(ca: tuple[Key, x509.Certificate], ec_key: ec.EllipticCurvePrivateKey) -> bytes:
-    cert = pki.make_leaf(
+    cert = devpki.make_leaf(
         *ca,
         "rich.example.org",
         dns=("rich.example.org", "*.rich.example.org"),
@@ -1073,7 +1032,7 @@ def revoking_everything(
     ca: tuple[Key, x509.Certificate], rich_der: bytes
 ) -> list[x509.CertificateRevocationList]:
     serial = x509.load_der_x509_certificate(rich_der).serial_number
-    return [pki.make_crl(*ca, [serial, serial ^ 1, 1, 2], next_update=NOW + DAY)]
+    return [devpki.make_crl(*ca, [serial, serial ^ 1, 1, 2], next_update=NOW + DAY)]
 
 
 @settings(

@@ -8,12 +8,14 @@ builders and the alert rate limiter are tested on their own.
 from __future__ import annotations
 
 import base64
+import itertools
 import re
 import shutil
 import signal
 import socket
 import ssl
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,22 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from dicom_tls_proxy import pdu
 from dicom_tls_proxy.audit import AssociationRecord
-from dicom_tls_proxy.config import ConfigError, load_config
-from dicom_tls_proxy.syslogsink import (
+from dicom_tls_proxy.auditmessage import (
     Alert,
-    AlertLimiter,
     Identity,
-    SyslogSink,
     alert_of,
     application_activity,
     frame,
     security_alert,
     syslog_message,
 )
+from dicom_tls_proxy.config import ConfigError, load_config
+from dicom_tls_proxy.syslogsink import AlertLimiter, SyslogSink
 from dicom_tls_proxy.vocabulary import Outcome, Reason
 from tests.support import (
     TIMEOUT,
@@ -51,6 +53,7 @@ from tests.support import (
     pacs_identities,
     proxy_config,
     running_proxy,
+    sha256_of,
     tls_in,
     toml_dumps,
     wait_until,
@@ -226,8 +229,11 @@ def details(root: ET.Element) -> dict[str, str]:
 class Receiver:
     """A TLS syslog collector (RFC 5425) on 127.0.0.1: mutual TLS with the dev PKI, frames kept."""
 
-    def __init__(self, pki: Path, port: int = 0) -> None:
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    def __init__(self, pki: Path, port: int = 0, ca: Path | None = None) -> None:
+        """`ca`: the CA it trusts client certificates from (the dev PKI's by default)."""
+        self.ctx = ssl.create_default_context(
+            ssl.Purpose.CLIENT_AUTH, cafile=str(ca or pki / "ca.pem")
+        )
         self.ctx.load_cert_chain(str(pki / "proxy.pem"), str(pki / "proxy.key"))
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.listener = socket.socket()
@@ -242,6 +248,7 @@ class Receiver:
         self.ended = 0  # connections the proxy closed cleanly (close_notify or EOF, no cut frame)
         self.errors: list[BaseException] = []
         self.connections = 0
+        self.attempts: list[float] = []  # time.monotonic() of each TCP connection taken
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
@@ -252,6 +259,7 @@ class Receiver:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            self.attempts.append(time.monotonic())
             threading.Thread(target=self._read, args=(conn,), daemon=True).start()
 
     def _read(self, conn: socket.socket) -> None:
@@ -312,8 +320,8 @@ class Receiver:
 
 
 @contextmanager
-def receiver(pki: Path, port: int = 0) -> Iterator[Receiver]:
-    r = Receiver(pki, port)
+def receiver(pki: Path, port: int = 0, ca: Path | None = None) -> Iterator[Receiver]:
+    r = Receiver(pki, port, ca)
     try:
         yield r
     finally:
@@ -383,7 +391,9 @@ def test_start_alerts_and_stop_reach_the_collector(tmp_path: Path, pki: Path) ->
             subject = untrusted.find("ParticipantObjectIdentification")
             assert subject is not None
             assert subject.get("ParticipantObjectID", "").startswith("127.0.0.1:")
-            assert len(details(untrusted)["Certificate SHA-256"]) > 0
+            # the refused certificate, as an operator pins it (computed here, not by the proxy)
+            assert details(untrusted)["Certificate SHA-256"] == sha256_of(foreign_cert)
+            assert details(untrusted)["Listener"] == "tls"
 
             ae = by_reason["calling-ae-not-allowed"]
             assert codes(ae)[2] == "4"
@@ -432,6 +442,124 @@ def test_collector_down_at_start_then_up_gets_what_was_queued(tmp_path: Path, pk
         with receiver(pki, port) as again:
             (alert,) = again.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
             assert details(alert)["Reason"] == "plaintext-on-tls"
+
+
+class Refuser:
+    """A collector that is down, at a port of our choosing: it takes each TCP connection and
+    closes it at once, so the proxy's TLS handshake fails; keeps when each attempt came."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(8)
+        self.attempts: list[float] = []  # time.monotonic() of each connection
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.attempts.append(time.monotonic())
+            conn.close()
+
+    def wait(self, count: int) -> list[float]:
+        wait_until(lambda: len(self.attempts) >= count, what=f"{count} connection attempts")
+        return self.attempts[:count]
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+
+def backed_off(gap: float, expected: float) -> bool:
+    """A wait of about `expected` seconds between two attempts: never shorter (less a little
+    for where the attempt was seen), and on a loaded machine possibly somewhat longer."""
+    return expected * 0.95 <= gap < expected * 1.5 + 0.5
+
+
+def test_the_back_off_doubles_while_the_collector_is_down_and_starts_again_after_a_success(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Past the syslog writer's back-off, a step at a time: attempts 0.5, 1, 2 and 4 s apart
+    while the collector is down at start; it comes back and gets what waited; it goes down
+    again: the first attempts are 0.5 and 1 s apart again, not 8; back again, the alert queued
+    meanwhile arrives. (The 30-s ceiling is past what a test may take here.)"""
+    port = free_port()
+    down = Refuser(port)
+    try:
+        with running_proxy(tmp_path, config(pki, f"127.0.0.1:{port}")) as proxy:
+            address = proxy.address("tls")
+            attempts = down.wait(4)  # waits of 0.5, 1 and 2 s so far
+            down.close()
+            with receiver(pki, port) as collector:
+                collector.wait_for(APPLICATION_ACTIVITY, START)  # queued since the start
+                recovered = time.monotonic()  # the fifth attempt, 4 s after the fourth
+                proxy.wait_for(event="syslog-recovered")
+                gaps = [b - a for a, b in itertools.pairwise([*attempts, recovered])]
+                assert all(map(backed_off, gaps[:3], (0.5, 1.0, 2.0))), gaps
+                assert gaps[3] >= 4.0 * 0.95, gaps
+                # The collector goes away again; an alert is queued for it.
+                collector.close()
+                down = Refuser(port)
+                refused_calling_ae(address, pki)
+                alerted = time.monotonic()
+                again = down.wait(2)
+            down.close()
+            with receiver(pki, port) as collector:
+                (alert,) = collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+                assert details(alert)["Reason"] == "calling-ae-not-allowed"
+            gaps = [b - a for a, b in itertools.pairwise([alerted, *again])]
+            assert gaps[0] < 0.5 * 1.5 + 0.5, gaps  # 0.5 s after the failed write, not 8
+            assert backed_off(gaps[1], 1.0), gaps
+            wait_until(
+                lambda: len(proxy.find(event="syslog-recovered")) == 2, what="recovered twice"
+            )
+            assert len(proxy.find(event="syslog-failed")) == 1  # one line a minute at most
+    finally:
+        down.close()
+
+
+def test_a_collector_refusing_the_proxys_certificate_after_the_handshake_is_backed_off(
+    tmp_path: Path, pki: Path
+) -> None:
+    """TLS 1.3: the proxy's handshake is over before the collector has checked its client
+    certificate; the refusal, an alert, comes after it. Nothing written then counts as sent,
+    nothing is reported as reachable, the back-off grows as for a collector that is down, and
+    once the collector trusts the proxy, everything that waited arrives."""
+    other_ca = pacs_identities(tmp_path, pki)["other-ca"][1]
+    port = free_port()
+    strict = Receiver(pki, port, ca=other_ca)  # trusts another CA than the proxy's
+    try:
+        with running_proxy(tmp_path, config(pki, f"127.0.0.1:{port}", metrics=True)) as proxy:
+            web = metrics_address(proxy)
+            refused_calling_ae(proxy.address("tls"), pki)
+            wait_until(lambda: len(strict.attempts) >= 2, what="2 connection attempts")
+            assert value(scrape(web), "dicom_tls_proxy_audit_syslog_sent_total") == 0
+            assert not proxy.find(event="syslog-connected")
+            assert not proxy.find(event="syslog-recovered")
+            failed = proxy.wait_for(event="syslog-failed")
+            assert "alert" in failed["msg"], failed
+            wait_until(lambda: len(strict.attempts) >= 4, what="4 connection attempts")
+            gaps = [b - a for a, b in itertools.pairwise(strict.attempts[:4])]
+            assert all(map(backed_off, gaps, (0.5, 1.0, 2.0))), gaps
+            strict.close()
+            assert strict.connections == 0 and not strict.messages
+            with receiver(pki, port) as collector:  # it trusts the proxy now
+                collector.wait_for(APPLICATION_ACTIVITY, START)
+                (alert,) = collector.wait_for(SECURITY_ALERT, NODE_AUTHENTICATION)
+                assert details(alert)["Reason"] == "calling-ae-not-allowed"
+                proxy.wait_for(event="syslog-recovered")
+                assert value(scrape(web), "dicom_tls_proxy_audit_syslog_sent_total") == 2
+            assert value(scrape(web), "dicom_tls_proxy_audit_syslog_dropped_total") == 0
+    finally:
+        strict.close()
+    assert not strict.errors, strict.errors
 
 
 def refused_plaintext(address: tuple[str, int]) -> None:
@@ -768,6 +896,66 @@ def test_full_queue_drops_and_counts(tmp_path: Path, pki: Path) -> None:
     assert sink.dropped == 3 and sink.queued() == 0
     sink.put(b"late")
     assert sink.dropped == 4
+
+
+async def test_the_back_off_stays_at_its_ceiling_and_starts_again_after_a_success(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The ceiling, 30 s, is past what a test of the process may wait for: the same writer, in
+    this process, with real sockets and a back-off of 0.25 s doubling to 1 s. Attempts 0.25, 0.5,
+    1, 1 and 1 s apart; the collector comes back and gets the message; it goes again: the next
+    attempts are 0.25 and 0.5 s apart again."""
+    port = free_port()
+    loaded = load_config(write(tmp_path, config(pki, f"127.0.0.1:{port}")))
+    assert loaded.audit.syslog is not None
+    sink = SyslogSink(
+        loaded.audit.syslog, loaded.tls["collector"], identity=ME, backoff=(0.25, 1.0)
+    )
+
+    async def attempts(refuser: Refuser, count: int) -> list[float]:
+        with trio.fail_after(TIMEOUT):
+            while len(refuser.attempts) < count:
+                await trio.sleep(0.01)
+        return refuser.attempts[:count]
+
+    async def received(collector: Receiver, count: int) -> None:
+        with trio.fail_after(TIMEOUT):
+            while len(collector.messages) < count:
+                await trio.sleep(0.01)
+
+    down = Refuser(port)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            sink.put(b"first")
+            first = await attempts(down, 6)
+            down.close()
+            with receiver(pki, port) as collector:
+                await received(collector, 1)
+                collector.close()  # gone again, right after a success
+                down = Refuser(port)
+                # Seen gone before the next message, as in a process, where something happens in
+                # between: one written into a connection just closed would be lost unnoticed
+                # (syslog over TLS has no acknowledgement), with no attempt to reconnect.
+                with trio.fail_after(TIMEOUT):
+                    while (gone := sink._connection) is not None and not gone.ended.is_set():
+                        await trio.sleep(0.01)
+                sink.put(b"second")
+                failed = time.monotonic()
+                second = await attempts(down, 2)
+                down.close()
+            with receiver(pki, port) as collector:
+                await received(collector, 1)
+                assert collector.messages == [b"second"]
+                await sink.finish()
+            nursery.cancel_scope.cancel()
+    finally:
+        down.close()
+    gaps = [b - a for a, b in itertools.pairwise(first)]
+    assert all(map(backed_off, gaps, (0.25, 0.5, 1.0, 1.0, 1.0))), gaps
+    gaps = [b - a for a, b in itertools.pairwise([failed, *second])]
+    assert gaps[0] < 1.0 * 0.95 and backed_off(gaps[1], 0.5), gaps  # not 1 s: started again
+    assert sink.sent == 2 and sink.dropped == 0
 
 
 # -- config ------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ and the reason in the proxy's log line.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,
@@ -256,7 +258,7 @@ def _refused(proxy: ProxyProcess, pki: Path, rq: bytes) -> bytes:
     with raw(proxy, pki) as client:
         client.send(rq)
         answer = client.read_pdu()
-        assert client.read_eof() == b""  # then a clean close, not a reset
+        assert client.read_clean_close() == b""  # then a clean close, not a reset
         return answer
 
 
@@ -325,10 +327,14 @@ def test_protocol_version(tmp_path: Path, pki: Path, legacy: LegacyDevice) -> No
 
 
 def test_upstream_unreachable(tmp_path: Path, pki: Path) -> None:
-    with running_proxy(tmp_path, config(pki, f"127.0.0.1:{free_port()}")) as proxy:
+    upstream = f"127.0.0.1:{free_port()}"
+    with running_proxy(tmp_path, config(pki, upstream)) as proxy:
         assert _refused(proxy, pki, build_rq("CT")) == pdu.encode_reject(2, 3, 1)
         line = proxy.association(reason="upstream-unreachable")
-    assert "Connection refused" in line["detail"] or "refused" in line["detail"].lower()
+    assert line["outcome"] == "rejected" and line["upstream"] == upstream
+    # which upstream, and the system's own words for why (ECONNREFUSED)
+    assert line["detail"].startswith(f"{upstream}: "), line["detail"]
+    assert line["detail"].endswith(os.strerror(errno.ECONNREFUSED)), line["detail"]
 
 
 def test_upstream_connect_timeout(tmp_path: Path, pki: Path) -> None:
@@ -435,7 +441,7 @@ def test_handshake_timeout(tmp_path: Path, pki: Path, legacy: LegacyDevice) -> N
     with running_proxy(tmp_path, config(pki, legacy.address, handshake_timeout=1.0)) as proxy:
         with raw(proxy, pki) as client:
             client.send(build_rq("CT")[:20])  # part of a PDU, then silence
-            assert client.read_eof() == b""
+            assert client.read_clean_close() == b""
         assert proxy.association(reason="handshake-timeout")["outcome"] == "timed-out"
         with socket.create_connection(
             proxy.address("tls"), timeout=TIMEOUT
@@ -506,6 +512,61 @@ def test_idle_timeout_aborts_both(tmp_path: Path, pki: Path) -> None:
             assert proxy.association(reason="idle-timeout")["outcome"] == "timed-out"
             wait_until(lambda: got, what="abort at the upstream")
         assert got == [pdu.encode_abort(2, 0)]
+    finally:
+        upstream.close()
+
+
+def test_idle_timeout_counts_from_the_last_byte_either_way(tmp_path: Path, pki: Path) -> None:
+    """Past idle_timeout many times over: an association moving a PDU every eighth of it, first
+    only up (a long C-STORE), then only down (a long C-FIND answer), then every 20 ms (faster than
+    the deadline is moved), lives on; once silent it is aborted to both, no earlier than 15/16 of
+    idle_timeout after its last byte."""
+    idle = 2.0
+    ups, downs, dense = 20, 20, 100  # 5 s up, 5 s down at 250 ms; 2 s at 20 ms
+    chunk = dimse.encode_p_data(1, b"\x00" * 64, command=False)
+    got: list[bytes] = []
+
+    def device(conn: socket.socket) -> None:
+        conn.sendall(build_ac(upstream.read_pdu(conn)))
+        for _ in range(ups):
+            got.append(upstream.read_pdu(conn))
+        for _ in range(downs):
+            time.sleep(idle / 8)  # the pace of the traffic: quiet for less than idle_timeout
+            conn.sendall(chunk)
+        for _ in range(dense + 1):  # and then the A-ABORT
+            got.append(upstream.read_pdu(conn))
+
+    upstream = ScriptedUpstream(device)
+    try:
+        with (
+            running_proxy(tmp_path, config(pki, upstream.address, idle_timeout=idle)) as proxy,
+            raw(proxy, pki) as client,
+        ):
+            client.send(build_rq("CT"))
+            assert client.read_pdu()[0] == pdu.A_ASSOCIATE_AC
+            started = time.monotonic()
+            for _ in range(ups):
+                time.sleep(idle / 8)  # the pace of the traffic: quiet for less than idle_timeout
+                client.send(chunk)
+            for _ in range(downs):
+                assert client.read_pdu() == chunk
+            for _ in range(dense):
+                time.sleep(0.02)
+                client.send(chunk)
+            last = time.monotonic()
+            assert not proxy.find(event="association")  # alive after 6 x idle_timeout
+            assert client.read_pdu() == pdu.encode_abort(2, 0)
+            silent = time.monotonic() - last
+            line = proxy.association(reason="idle-timeout")
+            wait_until(lambda: len(got) == ups + dense + 1, what="the abort at the upstream")
+        assert last - started > 5 * idle
+        assert idle * 15 / 16 <= silent < 2 * idle + 1, silent
+        assert got == [chunk] * (ups + dense) + [pdu.encode_abort(2, 0)]
+        assert line["outcome"] == "timed-out"
+        assert line["bytes_up"] == len(build_rq("CT")) + (ups + dense) * len(chunk)
+        assert line["bytes_down"] == len(build_ac(build_rq("CT"))) + downs * len(chunk)
+        assert line["duration_s"] > 6 * idle
+        assert not upstream.errors, upstream.errors
     finally:
         upstream.close()
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dicom_tls_proxy import certload, pki
+from dicom_tls_proxy import certload, devpki
 from dicom_tls_proxy.thumbprint import (
     Thumbprint,
     certificate_thumbprints,
@@ -48,11 +48,11 @@ def openssl_fingerprint(pem: Path, algorithm: str) -> str:
 def cert_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, x509.Certificate]:
     """A CA-signed certificate and its key as PEM files; returns (folder, certificate)."""
     folder = tmp_path_factory.mktemp("thumbprint")
-    ca_key, ca_cert = pki.make_ca("thumbprint CA")
-    key, cert = pki.make_leaf(ca_key, ca_cert, "device", dns=["device"])
-    pki.write_pem_cert(folder / "cert.pem", cert)
-    pki.write_pem_key(folder / "key.pem", key)
-    pki.write_pem_cert(folder / "ca.pem", ca_cert)
+    ca_key, ca_cert = devpki.make_ca("thumbprint CA")
+    key, cert = devpki.make_leaf(ca_key, ca_cert, "device", dns=["device"])
+    devpki.write_pem_cert(folder / "cert.pem", cert)
+    devpki.write_pem_key(folder / "key.pem", key)
+    devpki.write_pem_cert(folder / "ca.pem", ca_cert)
     return folder, cert
 
 
@@ -197,8 +197,8 @@ def test_thumbprint_checks_digest_length() -> None:
 
 
 def test_matches_any() -> None:
-    _, cert = pki.make_self_signed("device")
-    _, other = pki.make_self_signed("other")
+    _, cert = devpki.make_self_signed("device")
+    _, other = devpki.make_self_signed("other")
     der = cert.public_bytes(Encoding.DER)
     sha256, sha1 = certificate_thumbprints(cert)
     other_sha256, other_sha1 = certificate_thumbprints(other)
@@ -210,7 +210,7 @@ def test_matches_any() -> None:
 
 
 def test_matches_any_checks_every_candidate() -> None:
-    _, cert = pki.make_self_signed("device")
+    _, cert = devpki.make_self_signed("device")
     sha256, _ = certificate_thumbprints(cert)
     seen: list[Thumbprint] = []
 

@@ -6,6 +6,9 @@ import hashlib
 import os
 import shutil
 import socket
+import threading
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.pki import key_pem, make_leaf
-from dicom_tls_proxy.watch import Targets, changes, snapshot, targets_of
+from dicom_tls_proxy.devpki import key_pem, make_leaf
+from dicom_tls_proxy.watch import SETTLE_LOOKS, Targets, changes, snapshot, targets_of
 from tests.support import (
     TIMEOUT,
     ProxyProcess,
@@ -205,7 +208,80 @@ def test_a_symlink_swap_reloads_and_a_broken_key_keeps_the_old_certificate(
         assert len(proxy.find(event="watch-changed")) == 4
         assert len(proxy.find(event="reloaded")) == 3
         for line in proxy.find(event="watch-changed"):
+            assert line["changed"], line  # each names what changed, all of it in the secret
             assert all(p.startswith(str(secret)) for p in line["changed"]), line
+
+
+def test_a_folder_that_never_settles_is_reloaded_after_30_looks_and_watching_goes_on(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Past watch_interval many times: quiet intervals reload nothing; a file written to every
+    10 ms keeps the folder from settling, so after SETTLE_LOOKS looks the proxy reloads anyway
+    (`watch-unsettled`); once the writer stops, its last change is reloaded too; quiet again,
+    nothing; and the next change after that is still seen."""
+    interval = 0.1
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    first, second = server_identity(pki, "first"), server_identity(pki, "second")
+    publish(secret, "2026_11_22_10_00_00.1", first)
+    cfg = watched_config(pki, secret, tmp_path, watch=True, watch_interval=interval)
+    stop = threading.Event()
+    written: list[float] = []  # wall-clock times of the writes, as the log's `ts`
+
+    def write() -> None:
+        with open(secret / "noise.log", "ab", buffering=0) as noise:
+            while True:
+                noise.write(b".")
+                written.append(time.time())
+                if stop.wait(0.01):
+                    noise.write(b".")  # a last change, after anything the proxy looked at
+                    written.append(time.time())
+                    return
+
+    def at(line: dict[str, Any]) -> float:
+        return datetime.fromisoformat(line["ts"]).timestamp()
+
+    def quiet(what: str) -> None:
+        """The point here is that nothing happens: ten intervals with no change, no reload."""
+        counts = len(proxy.find(event="watch-changed")), len(proxy.find(event="reloaded"))
+        time.sleep(10 * interval)
+        assert counts == (len(proxy.find(event="watch-changed")), len(proxy.find(event="reloaded")))
+        assert not proxy.find(event="reload-failed"), what
+
+    with running_proxy(tmp_path, cfg) as proxy:
+        address = proxy.address("tls")
+        proxy.wait_for(event="watching")
+        quiet("at start")
+        writer = threading.Thread(target=write, daemon=True)
+        began = time.monotonic()
+        writer.start()
+        try:
+            proxy.wait_for(event="watch-unsettled")
+            unsettled_after = time.monotonic() - began
+        finally:
+            stop.set()
+            writer.join(TIMEOUT)
+        assert unsettled_after >= SETTLE_LOOKS * interval
+        changed = proxy.wait_for(event="watch-changed")  # logged right after watch-unsettled
+        assert str(secret / "noise.log") in changed["changed"]
+        last_write = written[-1]
+        settled = wait_until(
+            lambda: [x for x in proxy.find(event="watch-changed") if at(x) > last_write],
+            what="the writer's last change seen",
+        )
+        assert str(secret / "noise.log") in settled[0]["changed"]
+        _count(proxy, len(proxy.find(event="watch-changed")), event="reloaded")
+        quiet("after the writer stopped")
+        publish(secret, "2026_11_22_10_05_00.2", second)
+        wait_until(
+            lambda: served_sha256(address, pki) == sha256_of_pem(second["tls.crt"]),
+            what="the new certificate served",
+        )
+        wait_until(
+            lambda: len(proxy.find(event="reloaded")) == len(proxy.find(event="watch-changed")),
+            what="one reload per change",
+        )
+        assert len(proxy.find(event="watch-unsettled")) == 1
 
 
 def test_without_watch_nothing_reloads(tmp_path: Path, pki: Path) -> None:

@@ -47,7 +47,11 @@ def workers_config(pki: Path, upstream: str, port: int) -> dict[str, Any]:
 
 def _started(proxy: ProxyProcess) -> list[int]:
     wait_until(lambda: len(proxy.find(event="listening")) == 2, what="both workers listening")
-    return list(proxy.wait_for(event="workers-started")["pids"])
+    pids = list(proxy.wait_for(event="workers-started")["pids"])
+    # Two running workers, not the parent: "none of them is left alive" checks something.
+    assert len(set(pids)) == 2 and proxy.proc.pid not in pids, pids
+    assert all(_alive(pid) for pid in pids), pids
+    return pids
 
 
 @pytest.mark.dcmtk
@@ -386,7 +390,7 @@ def test_worker_metrics_follow_a_reload(tmp_path: Path, pki: Path) -> None:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from dicom_tls_proxy import pki as factory
+    from dicom_tls_proxy import devpki as factory
 
     key, cert = tmp_path / "served.key", tmp_path / "served.pem"
     shutil.copy(pki / "proxy.key", key)

@@ -21,16 +21,16 @@ if __name__ == "__main__":  # instrument the decoder before its first import, fo
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this repository's package
     with atheris.instrument_imports(include=["dicom_tls_proxy"]):
-        from dicom_tls_proxy import pdu
+        from dicom_tls_proxy import pdu, pdu_framing
 else:
-    from dicom_tls_proxy import pdu
+    from dicom_tls_proxy import pdu, pdu_framing
 
 PIECES = (1, 2, 3, 5, 8, 13, 64, 4096)  # chunk sizes for the second tracker, in turn
 
 
 def _tracker(data: bytes, pieces: tuple[int, ...] | None, limit: int | None) -> tuple[object, ...]:
     """Feed `data` to a tracker at once or in pieces; its state, and whether it raised."""
-    tracker = pdu.BoundaryTracker(limit)
+    tracker = pdu_framing.BoundaryTracker(limit)
     failed = False
     try:
         if pieces is None:
@@ -78,7 +78,7 @@ def one_input(data: bytes) -> None:
     pos = 0  # a stream of PDUs, as the proxy reads them: header first, then the body
     while pos < len(data):
         try:
-            needed = pdu.pdu_length_needed(data[pos:], max_pdu_length=1 << 16)
+            needed = pdu_framing.pdu_length_needed(data[pos:], max_pdu_length=1 << 16)
         except pdu.PduError:
             break
         if needed is None or pos + needed > len(data):

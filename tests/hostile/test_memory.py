@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu
 from tests.hostile.cases import client_context, connect, proxy_config
 from tests.support import (
     ProxyProcess,
@@ -84,7 +84,7 @@ def test_idle_associations_stay_small(
     address, ctx = proxy.address("tls"), client_context(pki)
     payload = b""
     if traffic:
-        payload = pdu.encode_p_data(1, random.Random(2).randbytes(traffic), command=False)
+        payload = dimse.encode_p_data(1, random.Random(2).randbytes(traffic), command=False)
 
     def open_one() -> ssl.SSLSocket:
         sock = connect(address, ctx)
@@ -129,7 +129,7 @@ def test_idle_associations_stay_small(
 
 PDU_PAYLOAD = 64 * KIB - 12  # a P-DATA-TF of 64 KiB on the wire
 SOURCE = random.Random(3).randbytes(4 * MIB)
-REQUEST = pdu.encode_p_data(1, b"\x00" * 64, command=True)  # "send me the data"
+REQUEST = dimse.encode_p_data(1, b"\x00" * 64, command=True)  # "send me the data"
 
 
 def pdus(total: int) -> Iterator[bytes]:
@@ -138,7 +138,7 @@ def pdus(total: int) -> Iterator[bytes]:
     assert total % size == 0
     for i in range(total // size):
         start = (i * 7919) % (len(SOURCE) - PDU_PAYLOAD)
-        yield pdu.encode_p_data(1, SOURCE[start : start + PDU_PAYLOAD], command=False)
+        yield dimse.encode_p_data(1, SOURCE[start : start + PDU_PAYLOAD], command=False)
 
 
 def send_stream(sock: socket.socket, total: int) -> str:

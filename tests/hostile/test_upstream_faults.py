@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy import dimse, pdu
 from tests.hostile.cases import connect, header, proxy_config, read_until_close
 from tests.hostile.conftest import Target, attack
 from tests.support import (
@@ -155,7 +155,7 @@ def meet_fault(t: Target, fault: Fault) -> tuple[bytes, float]:
             assert recv_pdu(sock)[0] == pdu.A_ASSOCIATE_AC
             start = time.monotonic()
             if fault.script is reset_mid_transfer:
-                data = pdu.encode_p_data(1, bytes(64 * 1024 - 12), command=False)
+                data = dimse.encode_p_data(1, bytes(64 * 1024 - 12), command=False)
                 # The proxy may close while we still send (a reset): like a robust DICOM
                 # client, stop sending then and read what came; the A-ABORT is there.
                 with suppress(OSError):
@@ -218,7 +218,7 @@ def ac_then(extra: bytes) -> Callable[[socket.socket], None]:
 
 @pytest.mark.parametrize(
     "extra",
-    [pdu.encode_abort(0, 0), pdu.encode_p_data(1, b"\x00" * 64, command=True)],
+    [pdu.encode_abort(0, 0), dimse.encode_p_data(1, b"\x00" * 64, command=True)],
     ids=["a-abort", "p-data-tf"],
 )
 def test_upstream_pdu_right_after_the_ac_is_relayed(

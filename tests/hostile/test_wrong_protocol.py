@@ -38,7 +38,7 @@ def test_plaintext_dicom_on_tls_listener_gets_a_plaintext_reject(
         client = RawClient(proxy.address("tls"))  # no TLS at all
         client.send(build_rq("CT", "OLD_US"))
         assert client.read_pdu() == pdu.encode_reject(1, 1, 1)
-        assert client.read_eof() == b""
+        assert client.read_clean_close() == b""
         client.close()
         line = proxy.association(reason="plaintext-on-tls")
     assert line["outcome"] == "rejected" and line["calling_ae"] == "OLD_US"

@@ -60,9 +60,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from pydicom import dcmread
 
-from dicom_tls_proxy import pdu
-from dicom_tls_proxy import pki as factory
-from dicom_tls_proxy.echo import c_echo_rq, command_fields
+from dicom_tls_proxy import devpki as factory
+from dicom_tls_proxy import dimse, pdu
 from tests.support import (
     HAVE_DCMTK,
     TIMEOUT,
@@ -256,13 +255,13 @@ def raw_echo(
         if answer[0] != pdu.A_ASSOCIATE_AC:
             client.read_eof()  # the proxy closes after a refusal
             return answer, seen
-        client.send(pdu.encode_p_data(1, c_echo_rq(), command=True))
+        client.send(dimse.encode_p_data(1, dimse.c_echo_rq(), command=True))
         response = client.read_pdu()
         if response[0] != pdu.P_DATA_TF:
             raise Lost(f"C-ECHO answered with PDU type {response[0]:#04x}")
-        fields = command_fields(b"".join(v[2] for v in pdu.pdv_items(response)))
-        if fields.get(0x00000900) != b"\0\0":
-            raise Lost(f"C-ECHO status {fields.get(0x00000900)!r}")
+        status = dimse.echo_status(b"".join(v[2] for v in pdu.pdv_items(response)))
+        if status != 0:
+            raise Lost(f"C-ECHO status {status:#06x}")
         client.send(pdu.encode_release_rq())
         if client.read_pdu() != pdu.encode_release_rp():
             raise Lost("no A-RELEASE-RP")

@@ -12,7 +12,10 @@ What it must never do: leave a private key readable by others, even for an insta
 created with mode 0600 by ``os.open``, never chmod-ed afterwards); overwrite an existing file unless
 explicitly asked (``init_pki`` checks every target before writing anything); put key bytes or
 passwords in an exception message. It is for development and tests, not a production CA: no
-serial-number database, no revocation bookkeeping beyond ``make_crl``.
+serial-number database, no revocation bookkeeping beyond ``make_crl``. It is not part of the
+proxy's production API surface: only ``certs init`` and ``demo`` import it (at call time), never the
+code that serves. The SHA-1 signatures and CRLs without nextUpdate cryptography refuses to make are
+written by hand in ``devsign``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     PrivateKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dicom_tls_proxy.devsign import sign_sha1, without_next_update
 
 SHA256: Final = hashes.SHA256()
 
@@ -71,17 +76,7 @@ def _validity(
     return start, end
 
 
-# --- SHA-1 signatures ---------------------------------------------------------------------------
-#
-# cryptography 50 (measured) refuses SHA-1 and MD5 for certificate signatures ("Hash algorithm
-# "sha1" not supported for signatures"), and verify_directly_issued_by refuses to check one
-# ("Unsupported signature algorithm"), but it still signs arbitrary bytes with SHA-1. Tests need
-# SHA-1-signed certificates to check that the TLS layer refuses them, so such a certificate is
-# built by signing with SHA-256, swapping the signature AlgorithmIdentifier in the TBS bytes, and
-# signing those bytes with SHA-1. Only the DER needed for that is written here.
-
-# AlgorithmIdentifier DER for sha1WithRSAEncryption (1.2.840.113549.1.1.5, NULL parameters) and
-# ecdsa-with-SHA1 (1.2.840.10045.4.1, no parameters).
+# Hashes cryptography signs certificates with itself; SHA-1 is made by `devsign.sign_sha1`.
 _SIGNING_HASHES: Final = (
     hashes.SHA224,
     hashes.SHA256,
@@ -92,87 +87,6 @@ _SIGNING_HASHES: Final = (
     hashes.SHA3_384,
     hashes.SHA3_512,
 )
-_SHA1_WITH_RSA: Final = bytes.fromhex("300d06092a864886f70d0101050500")
-_ECDSA_WITH_SHA1: Final = bytes.fromhex("300906072a8648ce3d0401")
-
-
-def _der_length(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    body = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
-def _der_tlv(tag: int, value: bytes) -> bytes:
-    return bytes([tag]) + _der_length(len(value)) + value
-
-
-def _der_read(data: bytes, offset: int) -> tuple[int, int, int]:
-    """Return (tag, start of value, end of value) of the DER element at offset."""
-    tag = data[offset]
-    first = data[offset + 1]
-    if first < 0x80:
-        return tag, offset + 2, offset + 2 + first
-    count = first & 0x7F
-    length = int.from_bytes(data[offset + 2 : offset + 2 + count], "big")
-    start = offset + 2 + count
-    return tag, start, start + length
-
-
-def _der_children(data: bytes) -> list[bytes]:
-    """Split the content of the single SEQUENCE in data into its encoded children."""
-    _, start, end = _der_read(data, 0)
-    children = []
-    offset = start
-    while offset < end:
-        value_end = _der_read(data, offset)[2]
-        children.append(data[offset:value_end])
-        offset = value_end
-    return children
-
-
-def _raw_sign(
-    key: CertificateIssuerPrivateKeyTypes, data: bytes, hash_alg: hashes.HashAlgorithm
-) -> bytes:
-    """Sign bytes the way X.509 does for RSA (PKCS#1 v1.5) and ECDSA keys."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        return key.sign(data, padding.PKCS1v15(), hash_alg)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hash_alg))
-    raise ValueError("this signature is only made with RSA or ECDSA keys")
-
-
-def _signed_der(tbs: bytes, algorithm: bytes, signature: bytes) -> bytes:
-    """Certificate / CertificateList ::= SEQUENCE { tbs, signatureAlgorithm, BIT STRING }."""
-    return _der_tlv(0x30, tbs + algorithm + _der_tlv(0x03, b"\x00" + signature))
-
-
-def _sign_sha1(
-    cert: x509.Certificate, issuer_key: CertificateIssuerPrivateKeyTypes
-) -> x509.Certificate:
-    algorithm = _SHA1_WITH_RSA if isinstance(issuer_key, rsa.RSAPrivateKey) else _ECDSA_WITH_SHA1
-    children = _der_children(cert.tbs_certificate_bytes)
-    # TBSCertificate: [0] version (optional), serialNumber, signature AlgorithmIdentifier, ...
-    index = 2 if children[0][0] == 0xA0 else 1
-    children[index] = algorithm
-    tbs = _der_tlv(0x30, b"".join(children))
-    signature = _raw_sign(issuer_key, tbs, hashes.SHA1())
-    return x509.load_der_x509_certificate(_signed_der(tbs, algorithm, signature))
-
-
-def _without_next_update(
-    crl: x509.CertificateRevocationList, issuer_key: CertificateIssuerPrivateKeyTypes
-) -> x509.CertificateRevocationList:
-    """The CRL with its nextUpdate removed and signed again (cryptography requires nextUpdate)."""
-    certificate_list = _der_children(crl.public_bytes(serialization.Encoding.DER))
-    fields = _der_children(certificate_list[0])
-    # TBSCertList: version, signature, issuer, thisUpdate, nextUpdate (optional), ...; the two
-    # times are the only UTCTime (0x17) / GeneralizedTime (0x18) elements at this level.
-    times = [index for index, child in enumerate(fields) if child[0] in (0x17, 0x18)]
-    del fields[times[1]]
-    tbs = _der_tlv(0x30, b"".join(fields))
-    signature = _raw_sign(issuer_key, tbs, SHA256)
-    return x509.load_der_x509_crl(_signed_der(tbs, certificate_list[1], signature))
 
 
 def _sign(
@@ -181,7 +95,7 @@ def _sign(
     hash_alg: hashes.HashAlgorithm,
 ) -> x509.Certificate:
     if isinstance(hash_alg, hashes.SHA1):
-        return _sign_sha1(builder.sign(issuer_key, SHA256), issuer_key)
+        return sign_sha1(builder.sign(issuer_key, SHA256), issuer_key)
     if not isinstance(hash_alg, _SIGNING_HASHES):
         raise ValueError(f"unsupported signature hash {hash_alg.name}")
     return builder.sign(issuer_key, hash_alg)
@@ -342,7 +256,7 @@ def make_leaf(
     means any use); ``extended_key_usage`` replaces both with an explicit list. ``key_usage=False``
     leaves out the keyUsage extension. ``private_key`` reuses a key (for example an EC key) instead
     of generating an RSA key of ``key_size`` bits. ``hash_alg=hashes.SHA1()`` works even though
-    cryptography refuses it (see ``_sign_sha1``).
+    cryptography refuses it (see ``devsign.sign_sha1``).
     """
     return _end_entity(
         common_name,
@@ -440,7 +354,7 @@ def make_crl(
             .build()
         )
     crl = builder.sign(ca_key, SHA256)
-    return crl if next_update is not None else _without_next_update(crl, ca_key)
+    return crl if next_update is not None else without_next_update(crl, ca_key)
 
 
 # --- files -------------------------------------------------------------------------------------
