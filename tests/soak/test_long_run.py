@@ -62,6 +62,7 @@ from pydicom import dcmread
 
 from dicom_tls_proxy import devpki as factory
 from dicom_tls_proxy import dimse, pdu
+from dicom_tls_proxy.pdu_items import pdv_items
 from tests.support import (
     HAVE_DCMTK,
     TIMEOUT,
@@ -259,7 +260,7 @@ def raw_echo(
         response = client.read_pdu()
         if response[0] != pdu.P_DATA_TF:
             raise Lost(f"C-ECHO answered with PDU type {response[0]:#04x}")
-        status = dimse.echo_status(b"".join(v[2] for v in pdu.pdv_items(response)))
+        status = dimse.echo_status(b"".join(v[2] for v in pdv_items(response, pdu.HEADER_LENGTH)))
         if status != 0:
             raise Lost(f"C-ECHO status {status:#06x}")
         client.send(pdu.encode_release_rq())
