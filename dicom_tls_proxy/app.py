@@ -28,6 +28,7 @@ from dicom_tls_proxy.process import (
     StartError,
     bind_listeners,
     bind_metrics,
+    ignore_until_handled,
     listeners_from_fds,
     pid_file,
     sd_notify,
@@ -50,6 +51,7 @@ def serve_forever(
 ) -> int:
     """Run one proxy process: the only one, or worker `worker` on sockets passed as `listen`,
     following its supervisor through the `lifeline` pipe (see `process`)."""
+    ignore_until_handled()
     audit_log.setup_logging(config.proxy.log_format, config.proxy.log_level, worker=worker)
     if worker is None:
         for warning in config.warnings:

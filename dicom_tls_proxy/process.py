@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,22 @@ def trim_heap() -> None:
     each) in its heap, so a gateway that moved a burst of studies would otherwise keep it."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+# Signals whose default action ends the process but which only ask for a reload or a report: a
+# process ignores them from its first instruction until its signal receiver takes them over, so
+# that a SIGHUP or SIGUSR1 that comes early (a worker just restarted) ends nothing.
+HARMLESS = (signal.SIGHUP, signal.SIGUSR1)
+
+
+def ignore_until_handled() -> None:
+    for signum in HARMLESS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def open_fds() -> int:
+    """This process's open file descriptors (-1 where /proc is not there)."""
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
 
 
 def lifeline() -> tuple[int, int]:

@@ -21,6 +21,7 @@ from dicom_tls_proxy.audit import Audit
 from dicom_tls_proxy.config import ConfigError, load_config
 from dicom_tls_proxy.config_schema import Config, TlsTable
 from dicom_tls_proxy.health import HealthChecks
+from dicom_tls_proxy.process import open_fds
 from dicom_tls_proxy.syslogsink import SyslogSink
 from dicom_tls_proxy.tlscontext import client_context, server_context
 
@@ -200,7 +201,7 @@ class Proxy:
             "connections": sum(self.per_ip.values()),
             "associations": self.active,
             "tasks": tasks,
-            "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1,
+            "fds": open_fds(),
         }
 
     async def drain(self) -> None:

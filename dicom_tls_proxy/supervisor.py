@@ -40,15 +40,17 @@ from dicom_tls_proxy.process import (
     StartError,
     bind_listeners,
     bind_metrics,
+    ignore_until_handled,
     lifeline,
     listeners_spec,
+    open_fds,
     pid_file,
     sd_notify,
 )
 from dicom_tls_proxy.watch import watch_folders
 from dicom_tls_proxy.workersmetrics import WorkersMetrics
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 FIRST_DELAY = 1.0  # seconds before the first restart; doubled on each further death
 MAX_DELAY = 60.0
@@ -228,6 +230,11 @@ async def supervise(config: Config) -> int:
                     if signum == signal.SIGHUP:
                         reload()
                         continue
+                    if signum == signal.SIGUSR1:  # each worker logs its own stats line
+                        alive = [p.pid for p in workers if p.returncode is None]
+                        event("stats", workers=len(alive), pids=alive, fds=open_fds())
+                        forward(signum)
+                        continue
                     stopping = True
                     if web is not None:
                         web.stopping = True  # /readyz: 503 while the workers drain
@@ -260,6 +267,7 @@ async def supervise(config: Config) -> int:
 
 
 def run_supervisor(config: Config) -> int:
+    ignore_until_handled()
     audit.setup_logging(config.proxy.log_format, config.proxy.log_level)
     for warning in config.warnings:
         event("config-warning", logging.WARNING, msg=warning)

@@ -425,3 +425,23 @@ def test_worker_metrics_follow_a_reload(tmp_path: Path, pki: Path) -> None:
             ),
             what="the reloaded certificate's expiry in /metrics",
         )
+
+
+def test_sigusr1_to_the_supervisor_reports_and_stops_nothing(tmp_path: Path, pki: Path) -> None:
+    """Operators signal the pid in pid_file: SIGUSR1 there must log stats, as without workers
+    (it killed the supervisor, and its workers followed it)."""
+    with running_proxy(tmp_path, workers_config(pki, "127.0.0.1:9", free_port())) as proxy:
+        pids = _started(proxy)
+        wait_until(lambda: len(proxy.find(event="started")) == 2, what="both workers started")
+        proxy.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: len(proxy.find(event="stats")) == 3, what="parent and workers' stats")
+        parent = [line for line in proxy.find(event="stats") if "worker" not in line]
+        assert len(parent) == 1 and parent[0]["workers"] == 2, parent
+        assert sorted(line["worker"] for line in proxy.find(event="stats") if "worker" in line) == [
+            0,
+            1,
+        ]
+        assert proxy.proc.poll() is None and all(_alive(pid) for pid in pids)
+        assert not proxy.find(event="stopping") and not proxy.find(level="error")
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(TIMEOUT) == 0
