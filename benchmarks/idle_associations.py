@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import procs
 from setups import CALLING_AE, Endpoint, Pki
 
-from dicom_tls_proxy import dimse, pdu, pdu_items
+from dicom_tls_proxy.protocol import dimse, pdu, pdu_items
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"

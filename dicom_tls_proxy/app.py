@@ -17,14 +17,14 @@ from pathlib import Path
 
 import trio
 
-from dicom_tls_proxy import _openssl
-from dicom_tls_proxy import audit as audit_log
-from dicom_tls_proxy.audit import Audit, event
-from dicom_tls_proxy.auditfile import AuditFile
-from dicom_tls_proxy.config_schema import Config
-from dicom_tls_proxy.listener import Bound, serve
-from dicom_tls_proxy.metrics import MULTIPROC_ENV, Metrics
-from dicom_tls_proxy.process import (
+from dicom_tls_proxy.config.schema import Config
+from dicom_tls_proxy.engine.listener import Bound, serve
+from dicom_tls_proxy.engine.proxy import Proxy
+from dicom_tls_proxy.ops import audit as audit_log
+from dicom_tls_proxy.ops.audit import Audit, event
+from dicom_tls_proxy.ops.auditfile import AuditFile
+from dicom_tls_proxy.ops.metrics import MULTIPROC_ENV, Metrics
+from dicom_tls_proxy.ops.process import (
     StartError,
     bind_listeners,
     bind_metrics,
@@ -35,9 +35,9 @@ from dicom_tls_proxy.process import (
     supervisor_gone,
     trim_heap,
 )
-from dicom_tls_proxy.proxy import Proxy
-from dicom_tls_proxy.syslogsink import SyslogSink
-from dicom_tls_proxy.watch import watch_folders
+from dicom_tls_proxy.ops.syslogsink import SyslogSink
+from dicom_tls_proxy.ops.watch import watch_folders
+from dicom_tls_proxy.transport import _openssl
 
 Sinks = tuple[AuditFile | None, SyslogSink | None, Metrics | None]
 

@@ -13,9 +13,9 @@ from typing import NoReturn, cast
 import click
 
 from dicom_tls_proxy import __version__
-from dicom_tls_proxy.config import ConfigError, load_config
-from dicom_tls_proxy.config_schema import Config, Profile
-from dicom_tls_proxy.echo import EchoResult
+from dicom_tls_proxy.config.load import ConfigError, load_config
+from dicom_tls_proxy.config.schema import Config, Profile
+from dicom_tls_proxy.engine.echo import EchoResult
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -138,8 +138,8 @@ def worker(config_path: Path, index: int, listen: str, lifeline: int | None) -> 
 )
 def thumbprint(certificates: tuple[Path, ...], password_file: Path | None) -> None:
     """Print SHA-256 and SHA-1 thumbprints and the subject of certificates (PEM, DER, PKCS#12)."""
-    from dicom_tls_proxy.certload import CertificateError, load_certificates
-    from dicom_tls_proxy.thumbprint import certificate_thumbprints
+    from dicom_tls_proxy.security.certload import CertificateError, load_certificates
+    from dicom_tls_proxy.security.thumbprint import certificate_thumbprints
 
     password = password_file.read_bytes().rstrip(b"\r\n") if password_file else None
     failed = False
@@ -166,7 +166,7 @@ def certs() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def certs_init(directory: Path) -> None:
     """Write a development PKI (CA, proxy and client certificates, RSA-2048) into DIRECTORY."""
-    from dicom_tls_proxy.devpki import init_pki
+    from dicom_tls_proxy.dev.pki import init_pki
 
     try:
         written = init_pki(directory)
@@ -233,9 +233,9 @@ def echo(
     """Send a C-ECHO to HOST:PORT (plaintext, or TLS) and explain the outcome."""
     import trio
 
-    from dicom_tls_proxy import echo as probe
-    from dicom_tls_proxy.config_schema import parse_endpoint
-    from dicom_tls_proxy.pdu import validate_ae_title
+    from dicom_tls_proxy.config.schema import parse_endpoint
+    from dicom_tls_proxy.engine import echo as probe
+    from dicom_tls_proxy.protocol.pdu import validate_ae_title
 
     try:
         endpoint = parse_endpoint(target)
@@ -272,7 +272,7 @@ def echo(
 
 
 def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae: str) -> str:
-    from dicom_tls_proxy import certnames, policy
+    from dicom_tls_proxy.security import certnames, policy
 
     lines = []
     head = f"C-ECHO {calling_ae} -> {called_ae} at {endpoint}"

@@ -25,13 +25,15 @@ from typing import Any
 
 import trio
 
-from dicom_tls_proxy import audit, dimse, echo
-from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.config_schema import Endpoint
-from dicom_tls_proxy.devpki import init_pki
-from dicom_tls_proxy.listener import serve
-from dicom_tls_proxy.process import bind_listeners
-from dicom_tls_proxy.proxy import Proxy
+from dicom_tls_proxy.config.load import load_config
+from dicom_tls_proxy.config.schema import Endpoint
+from dicom_tls_proxy.dev.pki import init_pki
+from dicom_tls_proxy.engine import echo
+from dicom_tls_proxy.engine.listener import serve
+from dicom_tls_proxy.engine.proxy import Proxy
+from dicom_tls_proxy.ops import audit
+from dicom_tls_proxy.ops.process import bind_listeners
+from dicom_tls_proxy.protocol import dimse
 
 CALLED_AE = "CT_SCANNER"
 DEVICE_AE = "CT01"

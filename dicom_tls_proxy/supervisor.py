@@ -30,13 +30,13 @@ from typing import Any
 
 import trio
 
-from dicom_tls_proxy import audit
-from dicom_tls_proxy.audit import event
-from dicom_tls_proxy.config import ConfigError, load_config
-from dicom_tls_proxy.config_schema import Config
-from dicom_tls_proxy.metrics import MULTIPROC_ENV
-from dicom_tls_proxy.netaddr import format_address
-from dicom_tls_proxy.process import (
+from dicom_tls_proxy.config.load import ConfigError, load_config
+from dicom_tls_proxy.config.schema import Config
+from dicom_tls_proxy.ops import audit
+from dicom_tls_proxy.ops.audit import event
+from dicom_tls_proxy.ops.metrics import MULTIPROC_ENV
+from dicom_tls_proxy.ops.netaddr import format_address
+from dicom_tls_proxy.ops.process import (
     StartError,
     bind_listeners,
     bind_metrics,
@@ -47,8 +47,8 @@ from dicom_tls_proxy.process import (
     pid_file,
     sd_notify,
 )
-from dicom_tls_proxy.watch import watch_folders
-from dicom_tls_proxy.workersmetrics import WorkersMetrics
+from dicom_tls_proxy.ops.watch import watch_folders
+from dicom_tls_proxy.ops.workersmetrics import WorkersMetrics
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 

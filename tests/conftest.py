@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_tls_proxy.devpki import init_pki
+from dicom_tls_proxy.dev.pki import init_pki
 from tests.support import EVERY_PROXY_LINE, HAVE_DCMTK, LegacyDevice
 
 

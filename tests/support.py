@@ -443,7 +443,7 @@ def build_ac(rq: bytes) -> bytes:
     """An A-ASSOCIATE-AC accepting every presentation context of `rq` with Implicit VR LE."""
     import struct
 
-    from dicom_tls_proxy import pdu
+    from dicom_tls_proxy.protocol import pdu
 
     parsed = pdu.parse_pdu(rq)
     assert isinstance(parsed, pdu.AssociateRequest)
@@ -581,7 +581,7 @@ def pacs_identities(folder: Path, pki: Path) -> dict[str, tuple[Path, Path]]:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from dicom_tls_proxy import devpki as factory
+    from dicom_tls_proxy.dev import pki as factory
 
     ca: Any = (
         load_pem_private_key((pki / "ca.key").read_bytes(), None),

@@ -1,5 +1,6 @@
-"""The shape of the package, checked: no import cycle (imports under TYPE_CHECKING and inside
-functions count too), and no module-level mutable state where a proxy's identity used to live."""
+"""The shape of the package, checked: floors whose imports point down only, no import cycle
+(imports under TYPE_CHECKING and inside functions count too), no module over 500 lines, and no
+module-level mutable state where a proxy's identity used to live."""
 
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ IMMUTABLE = (str, bytes, int, float, bool, tuple, frozenset, type(None))
 def test_audit_keeps_no_module_level_mutable_state() -> None:
     """Sinks, the refusal limiter and the worker number belong to an `Audit` that is passed in;
     the stdlib logger `log` is logging's own registry entry, configured by `setup_logging`."""
-    module = importlib.import_module(f"{NAME}.audit")
-    tree = ast.parse((PACKAGE / "audit.py").read_text())
+    module = importlib.import_module(f"{NAME}.ops.audit")
+    tree = ast.parse((PACKAGE / "ops" / "audit.py").read_text())
     assigned = {
         target.id
         for node in tree.body
@@ -101,3 +102,40 @@ def test_audit_keeps_no_module_level_mutable_state() -> None:
         and not (name == "log" and isinstance(getattr(module, name), logging.Logger))
     }
     assert mutable == {}
+
+
+# Lowest first. A module may import its own package and the packages below it; the top-level
+# modules (the CLI, the demo, the composition root, the supervisor) may import anything.
+FLOORS = ["protocol", "security", "config", "transport", "ops", "engine"]
+
+
+def _floor(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in FLOORS:
+        return FLOORS.index(parts[1])
+    return None
+
+
+def test_imports_point_down_only() -> None:
+    upward = []
+    for module, targets in import_graph().items():
+        here = _floor(module)
+        dev = module.startswith(f"{NAME}.dev.")
+        for target in targets:
+            there = _floor(target)
+            if dev and not target.startswith(f"{NAME}.dev"):
+                upward.append(f"{module} -> {target} (dev imports nothing of the product)")
+            elif target.startswith(f"{NAME}.dev") and here is not None:
+                upward.append(f"{module} -> {target} (the product never imports dev)")
+            elif here is not None and (there is None or there > here):
+                upward.append(f"{module} -> {target}")
+    assert upward == []
+
+
+def test_no_module_over_500_lines() -> None:
+    long = {
+        name: n
+        for name, path in _modules().items()
+        if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert long == {}

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dicom_tls_proxy import pdu
-from dicom_tls_proxy.association import (
+from dicom_tls_proxy.protocol import pdu
+from dicom_tls_proxy.protocol.association import (
     ABORT,
     BEFORE_ANY_BYTE,
     ENDINGS,
@@ -31,9 +31,9 @@ from dicom_tls_proxy.association import (
     upstream_answer,
     wire,
 )
-from dicom_tls_proxy.pdu import Abort
-from dicom_tls_proxy.pdu import AssociateReject as Reject
-from dicom_tls_proxy.vocabulary import TLS_REASONS, Outcome, Reason
+from dicom_tls_proxy.protocol.pdu import Abort
+from dicom_tls_proxy.protocol.pdu import AssociateReject as Reject
+from dicom_tls_proxy.protocol.vocabulary import TLS_REASONS, Outcome, Reason
 from tests.support import build_ac, build_rq
 
 HAPPY_PATH = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
-from dicom_tls_proxy.audit import AssociationRecord, make_formatter
-from dicom_tls_proxy.ratelimit import RateLimiter, Throttle
-from dicom_tls_proxy.vocabulary import Outcome, Reason
+from dicom_tls_proxy.ops.audit import AssociationRecord, make_formatter
+from dicom_tls_proxy.ops.ratelimit import RateLimiter, Throttle
+from dicom_tls_proxy.protocol.vocabulary import Outcome, Reason
 
 
 class Clock:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy.protocol import pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,
@@ -285,7 +285,7 @@ def test_healthz_and_readyz(tmp_path: Path, pki: Path, legacy: LegacyDevice) -> 
 def test_readyz_is_503_while_draining_and_before_listeners_are_up(
     tmp_path: Path, pki: Path
 ) -> None:
-    from dicom_tls_proxy.metrics import Metrics
+    from dicom_tls_proxy.ops.metrics import Metrics
 
     not_yet = SimpleNamespace(
         active=0,
@@ -503,7 +503,7 @@ def test_a_full_disk_does_not_stop_traffic(tmp_path: Path, pki: Path, legacy: Le
 
 
 def test_metrics_with_workers_loads(tmp_path: Path, pki: Path) -> None:
-    from dicom_tls_proxy.config import load_config
+    from dicom_tls_proxy.config.load import load_config
 
     path = tmp_path / "proxy.toml"
     path.write_text(toml_dumps(config(pki, "127.0.0.1:104", tmp_path, workers=2)))

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
 
-from dicom_tls_proxy import devpki
-from dicom_tls_proxy.certload import (
+from dicom_tls_proxy.dev import pki as devpki
+from dicom_tls_proxy.security.certload import (
     CertificateError,
     Identity,
     crl_expires_soon,

@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from dicom_tls_proxy.cli import main
-from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.config_schema import TlsTable, parse_endpoint
-from dicom_tls_proxy.thumbprint import parse_thumbprint
+from dicom_tls_proxy.config.load import load_config
+from dicom_tls_proxy.config.schema import TlsTable, parse_endpoint
+from dicom_tls_proxy.security.thumbprint import parse_thumbprint
 from tests.support import certificate_of, toml_dumps
 
 REPO = Path(__file__).resolve().parent.parent
@@ -289,7 +289,7 @@ def test_watch_keys_load_and_every_file_read_is_listed(tmp_path: Path, pki: Path
     path.write_text(toml_dumps(base_config(pki)))
     config = load_config(path)
     assert (config.proxy.watch, config.proxy.watch_interval) == (False, 1.0)
-    from dicom_tls_proxy import devpki as factory
+    from dicom_tls_proxy.dev import pki as factory
 
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
     next_update = datetime.now(UTC) + timedelta(days=30)
@@ -333,7 +333,7 @@ def test_broken_config_names_file_and_key(
 
 
 def test_crl_not_signed_by_a_configured_ca(tmp_path: Path, pki: Path) -> None:
-    from dicom_tls_proxy import devpki as factory
+    from dicom_tls_proxy.dev import pki as factory
 
     other_key, other_ca = factory.make_ca("Other CA")
     crl = factory.make_crl(other_key, other_ca, [], next_update=None)
@@ -583,7 +583,7 @@ def test_schema_imports_no_openssl_or_cryptography() -> None:
     """Code that only reads a config imports `config_schema`: that must not load OpenSSL,
     pyOpenSSL or cryptography (their types are annotations there, never imported)."""
     code = (
-        "import sys, dicom_tls_proxy.config_schema\n"
+        "import sys, dicom_tls_proxy.config.schema\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('OpenSSL', 'cryptography')))"
     )
     result = subprocess.run(

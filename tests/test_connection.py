@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import trio
 
-from dicom_tls_proxy import dimse, pdu
-from dicom_tls_proxy.audit import AssociationRecord, Audit
-from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.listener import serve
-from dicom_tls_proxy.process import bind_listeners
-from dicom_tls_proxy.proxy import Proxy
+from dicom_tls_proxy.config.load import load_config
+from dicom_tls_proxy.engine.listener import serve
+from dicom_tls_proxy.engine.proxy import Proxy
+from dicom_tls_proxy.ops.audit import AssociationRecord, Audit
+from dicom_tls_proxy.ops.process import bind_listeners
+from dicom_tls_proxy.protocol import dimse, pdu
 from tests.support import build_ac, build_rq, client_ssl_context, proxy_config, toml_dumps
 
 ABORT = pdu.encode_abort(2, 0)

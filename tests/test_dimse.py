@@ -1,6 +1,6 @@
-"""Tests for dicom_tls_proxy.dimse: the probe's C-ECHO-RQ and its reading of a C-ECHO-RSP, against
-pydicom and pynetdicom as independent references. Plain bytes, no sockets; the probe's behaviour
-on a network is tests/test_echo.py's."""
+"""Tests for dicom_tls_proxy.protocol.dimse: the probe's C-ECHO-RQ and its reading of a C-ECHO-RSP,
+against pydicom and pynetdicom as independent references. Plain bytes, no sockets; the probe's
+behaviour on a network is tests/test_echo.py's."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 from pydicom.filereader import read_dataset
 
-from dicom_tls_proxy import dimse, pdu
-from dicom_tls_proxy.pdu_items import pdv_items
+from dicom_tls_proxy.protocol import dimse, pdu
+from dicom_tls_proxy.protocol.pdu_items import pdv_items
 from tests.test_echo import dimse_rsp
 
 

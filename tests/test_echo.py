@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from dicom_tls_proxy import dimse, pdu
+from dicom_tls_proxy.protocol import dimse, pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,

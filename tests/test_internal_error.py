@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import trio
 
-from dicom_tls_proxy import pdu, routing
-from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.listener import serve
-from dicom_tls_proxy.process import bind_listeners
-from dicom_tls_proxy.proxy import Proxy
+from dicom_tls_proxy.config.load import load_config
+from dicom_tls_proxy.engine import routing
+from dicom_tls_proxy.engine.listener import serve
+from dicom_tls_proxy.engine.proxy import Proxy
+from dicom_tls_proxy.ops.process import bind_listeners
+from dicom_tls_proxy.protocol import pdu
 from tests.support import RawClient, build_rq, proxy_config, toml_dumps
 
 

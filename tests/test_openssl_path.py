@@ -1,12 +1,12 @@
 """pyOpenSSL's private names and the public path: which one the proxy takes, and that the relay
 works on both.
 
-`dicom_tls_proxy._openssl` decides at import. Each case runs in a fresh interpreter (the choice is
-made once per process): the environment variable forcing the public path, the private names gone
-or changed, a pyOpenSSL newer than the range the module was written for. On every path TLS streams
-of both kinds (memory BIOs, and OpenSSL on its own socket) carry 3 MiB each way, and the proxy
-relays a real association, TLS in and TLS out, with the path it took in its `started` line.
-"""
+`dicom_tls_proxy.transport._openssl` decides at import. Each case runs in a fresh interpreter
+(the choice is made once per process): the environment variable forcing the public path, the
+private names gone or changed, a pyOpenSSL newer than the range the module was written for. On
+every path TLS streams of both kinds (memory BIOs, and OpenSSL on its own socket) carry 3 MiB
+each way, and the proxy relays a real association, TLS in and TLS out, with the path it took in
+its `started` line."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import trio
 from pydicom import dcmread
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_tls_proxy import _openssl
-from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.sockio import LeanStream
-from dicom_tls_proxy.tlscontext import client_context, server_context
-from dicom_tls_proxy.tlsstream import TlsStream
+from dicom_tls_proxy.config.load import load_config
+from dicom_tls_proxy.transport import _openssl
+from dicom_tls_proxy.transport.sockio import LeanStream
+from dicom_tls_proxy.transport.tlscontext import client_context, server_context
+from dicom_tls_proxy.transport.tlsstream import TlsStream
 from tests.support import (
     TIMEOUT,
     associate,
@@ -66,7 +66,7 @@ def _in_fresh_interpreter(prelude: str, env: dict[str, str], *extra: str) -> dic
     code = (
         f"{prelude}\n"
         "import json, sys\n"
-        "from dicom_tls_proxy import _openssl\n"
+        "from dicom_tls_proxy.transport import _openssl\n"
         "result = {'path': _openssl.PATH, 'why': _openssl.WHY}\n"
         "if len(sys.argv) > 1:\n"
         "    from tests.test_openssl_path import exchange\n"

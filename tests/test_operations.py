@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dicom_tls_proxy import dimse, pdu
-from dicom_tls_proxy.devpki import make_leaf, write_pem_cert, write_pem_key
+from dicom_tls_proxy.dev.pki import make_leaf, write_pem_cert, write_pem_key
+from dicom_tls_proxy.protocol import dimse, pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,

@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy.protocol import pdu
 from tests import support
 from tests.support import (
     TIMEOUT,

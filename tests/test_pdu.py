@@ -1,4 +1,4 @@
-"""Tests for dicom_tls_proxy.pdu: plain bytes in, values or PduError out; no sockets.
+"""Tests for dicom_tls_proxy.protocol.pdu: plain bytes in, values or PduError out; no sockets.
 
 pynetdicom is the independent reference: what it encodes we must parse, and what we encode it must
 decode to the same fields. Hypothesis checks the one promise a wire parser must keep: whatever the
@@ -17,8 +17,8 @@ from pynetdicom import pdu as pyn_pdu
 from pynetdicom import pdu_primitives as prim
 from pynetdicom.presentation import build_context
 
-from dicom_tls_proxy import pdu
-from dicom_tls_proxy.pdu import (
+from dicom_tls_proxy.protocol import pdu
+from dicom_tls_proxy.protocol.pdu import (
     Abort,
     AssociateAccept,
     AssociateReject,
@@ -28,7 +28,11 @@ from dicom_tls_proxy.pdu import (
     ReleaseReply,
     ReleaseRequest,
 )
-from dicom_tls_proxy.pdu_items import PresentationContextItem, PresentationContextResult, UserItem
+from dicom_tls_proxy.protocol.pdu_items import (
+    PresentationContextItem,
+    PresentationContextResult,
+    UserItem,
+)
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

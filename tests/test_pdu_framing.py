@@ -1,12 +1,11 @@
-"""Tests for dicom_tls_proxy.pdu_framing (and the header judge in pdu it shares): cutting a byte
-stream into PDUs, whole (`split_pdu`, which `streams.read_pdu` reads with) or by boundaries only
-(`BoundaryTracker`, the relay's). Plain bytes, no sockets.
+"""Tests for dicom_tls_proxy.protocol.pdu_framing (and the header judge in pdu it shares): cutting
+a byte stream into PDUs, whole (`split_pdu`, which `streams.read_pdu` reads with) or by
+boundaries only (`BoundaryTracker`, the relay's). Plain bytes, no sockets.
 
 Hypothesis checks the promises of a framer: however a valid stream is cut into chunks, the same
 PDUs come out; a header that announces too much is refused with the same PduError however it
 arrives and whoever reads it; and any bytes at all give PDUs, "need more" or a PduError, never
-another exception.
-"""
+another exception."""
 
 from __future__ import annotations
 
@@ -18,10 +17,10 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dicom_tls_proxy import pdu, pdu_framing
-from dicom_tls_proxy.pdu import PduError
-from dicom_tls_proxy.pdu_framing import BoundaryTracker, split_pdu
-from dicom_tls_proxy.streams import PeerClosed, read_pdu
+from dicom_tls_proxy.protocol import pdu, pdu_framing
+from dicom_tls_proxy.protocol.pdu import PduError
+from dicom_tls_proxy.protocol.pdu_framing import BoundaryTracker, split_pdu
+from dicom_tls_proxy.transport.streams import PeerClosed, read_pdu
 from tests.test_pdu import make_associate, make_pdu, pyn_rq
 
 # --------------------------------------------------------------------------- framing

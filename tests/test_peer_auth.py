@@ -4,7 +4,7 @@ Covers the four `verify` modes, every certificate-policy refusal (and what
 `allow_weak_peer_certificates` lets through), the three `peer_certificate` modes, every `allow_peer`
 matcher kind, and the TLS profiles. Each test asserts what the client sees (an association, an
 A-ASSOCIATE-RJ, or a TLS alert raised as `ssl.SSLError`) and the reason in the proxy's log line.
-Certificates are made once per session by `dicom_tls_proxy.devpki`, signed by the session's `pki`
+Certificates are made once per session by `dicom_tls_proxy.dev.pki`, signed by the session's `pki`
 CA.
 """
 
@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
-from dicom_tls_proxy import devpki, pdu
+from dicom_tls_proxy.dev import pki as devpki
+from dicom_tls_proxy.protocol import pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dicom_tls_proxy import certload, devpki
+from dicom_tls_proxy.dev import pki as devpki
+from dicom_tls_proxy.security import certload
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

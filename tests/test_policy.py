@@ -1,11 +1,11 @@
-"""Tests for dicom_tls_proxy.policy and its parts (certnames, certfields): certificates made on
-the fly.
+"""Tests for dicom_tls_proxy.security.policy and its parts (certnames, certfields): certificates
+made on the fly.
 
-Certificates come from dicom_tls_proxy.devpki where it can make them (its SHA-1 certificates are
-real: TBS re-signed with SHA-1, which OpenSSL verifies; so is its CRL without nextUpdate); odd ones
-(DSA keys, custom key usages, duplicate extensions) are built here with cryptography and, where
-cryptography refuses, by editing DER. MD5 and RSA-PSS/SHA-1 signatures come from the openssl CLI.
-"""
+Certificates come from dicom_tls_proxy.dev.pki where it can make them (its SHA-1 certificates
+are real: TBS re-signed with SHA-1, which OpenSSL verifies; so is its CRL without nextUpdate);
+odd ones (DSA keys, custom key usages, duplicate extensions) are built here with cryptography
+and, where cryptography refuses, by editing DER. MD5 and RSA-PSS/SHA-1 signatures come from the
+openssl CLI."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import crypto
 
-from dicom_tls_proxy import devpki
-from dicom_tls_proxy.certnames import certificate_names, server_name_matches
-from dicom_tls_proxy.policy import (
+from dicom_tls_proxy.dev import pki as devpki
+from dicom_tls_proxy.protocol.vocabulary import EXPLANATIONS, TLS_REASONS, Reason
+from dicom_tls_proxy.security.certnames import certificate_names, server_name_matches
+from dicom_tls_proxy.security.policy import (
     Problem,
     Purpose,
     check_certificate,
@@ -43,8 +44,7 @@ from dicom_tls_proxy.policy import (
     openssl_error_reason,
     peer_identity,
 )
-from dicom_tls_proxy.thumbprint import certificate_thumbprints
-from dicom_tls_proxy.vocabulary import EXPLANATIONS, TLS_REASONS, Reason
+from dicom_tls_proxy.security.thumbprint import certificate_thumbprints
 
 NOW = datetime.now(UTC)
 DAY = timedelta(days=1)

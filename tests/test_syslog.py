@@ -27,9 +27,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from dicom_tls_proxy import pdu
-from dicom_tls_proxy.audit import AssociationRecord
-from dicom_tls_proxy.auditmessage import (
+from dicom_tls_proxy.config.load import ConfigError, load_config
+from dicom_tls_proxy.ops.audit import AssociationRecord
+from dicom_tls_proxy.ops.auditmessage import (
     Alert,
     Identity,
     alert_of,
@@ -38,9 +38,9 @@ from dicom_tls_proxy.auditmessage import (
     security_alert,
     syslog_message,
 )
-from dicom_tls_proxy.config import ConfigError, load_config
-from dicom_tls_proxy.syslogsink import AlertLimiter, SyslogSink
-from dicom_tls_proxy.vocabulary import Outcome, Reason
+from dicom_tls_proxy.ops.syslogsink import AlertLimiter, SyslogSink
+from dicom_tls_proxy.protocol import pdu
+from dicom_tls_proxy.protocol.vocabulary import Outcome, Reason
 from tests.support import (
     TIMEOUT,
     LegacyDevice,

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from dicom_tls_proxy import dimse, pdu
+from dicom_tls_proxy.protocol import dimse, pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,

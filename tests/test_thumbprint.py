@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dicom_tls_proxy import certload, devpki
-from dicom_tls_proxy.thumbprint import (
+from dicom_tls_proxy.dev import pki as devpki
+from dicom_tls_proxy.security import certload
+from dicom_tls_proxy.security.thumbprint import (
     Thumbprint,
     certificate_thumbprints,
     matches_any,

@@ -15,9 +15,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dicom_tls_proxy.config import load_config
-from dicom_tls_proxy.devpki import key_pem, make_leaf
-from dicom_tls_proxy.watch import SETTLE_LOOKS, Targets, changes, snapshot, targets_of
+from dicom_tls_proxy.config.load import load_config
+from dicom_tls_proxy.dev.pki import key_pem, make_leaf
+from dicom_tls_proxy.ops.watch import SETTLE_LOOKS, Targets, changes, snapshot, targets_of
 from tests.support import (
     TIMEOUT,
     ProxyProcess,

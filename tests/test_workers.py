@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy.protocol import pdu
 from dicom_tls_proxy.supervisor import QUICK_DEATHS, STABLE_AFTER, Backoff
 from tests.support import (
     TIMEOUT,
@@ -390,7 +390,7 @@ def test_worker_metrics_follow_a_reload(tmp_path: Path, pki: Path) -> None:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from dicom_tls_proxy import devpki as factory
+    from dicom_tls_proxy.dev import pki as factory
 
     key, cert = tmp_path / "served.key", tmp_path / "served.pem"
     shutil.copy(pki / "proxy.key", key)

@@ -21,9 +21,9 @@ if __name__ == "__main__":  # instrument the decoder before its first import, fo
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this repository's package
     with atheris.instrument_imports(include=["dicom_tls_proxy"]):
-        from dicom_tls_proxy import pdu, pdu_framing
+        from dicom_tls_proxy.protocol import pdu, pdu_framing
 else:
-    from dicom_tls_proxy import pdu, pdu_framing
+    from dicom_tls_proxy.protocol import pdu, pdu_framing
 
 PIECES = (1, 2, 3, 5, 8, 13, 64, 4096)  # chunk sizes for the second tracker, in turn
 

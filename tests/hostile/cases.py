@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy.protocol import pdu
 from tests import support
 from tests.support import TIMEOUT, build_rq, client_ssl_context
 

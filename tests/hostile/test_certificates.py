@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from dicom_tls_proxy.thumbprint import certificate_thumbprints
+from dicom_tls_proxy.security.thumbprint import certificate_thumbprints
 from tests.hostile.cases import proxy_config
 from tests.hostile.conftest import HANDSHAKE_TIMEOUT, attack
 from tests.support import TIMEOUT, LegacyDevice, build_rq

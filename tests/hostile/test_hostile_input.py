@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy.protocol import pdu
 from tests.hostile.cases import CASES, Case, client_hello, connect, header, proxy_config, throw
 from tests.hostile.conftest import HANDSHAKE_TIMEOUT, Target, attack
 from tests.support import (

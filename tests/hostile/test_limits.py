@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy.protocol import pdu
 from tests.support import (
     TIMEOUT,
     LegacyDevice,

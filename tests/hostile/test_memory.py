@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_tls_proxy import dimse, pdu
+from dicom_tls_proxy.protocol import dimse, pdu
 from tests.hostile.cases import client_context, connect, proxy_config
 from tests.support import (
     ProxyProcess,

@@ -17,8 +17,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from dicom_tls_proxy import devpki as factory
-from dicom_tls_proxy import pdu
+from dicom_tls_proxy.dev import pki as factory
+from dicom_tls_proxy.protocol import pdu
 from tests.hostile.cases import ABORT_INVALID, BY_NAME, proxy_config, throw
 from tests.support import (
     TIMEOUT,

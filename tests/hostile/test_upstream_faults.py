@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_tls_proxy import dimse, pdu
+from dicom_tls_proxy.protocol import dimse, pdu
 from tests.hostile.cases import connect, header, proxy_config, read_until_close
 from tests.hostile.conftest import Target, attack
 from tests.support import (

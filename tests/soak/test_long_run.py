@@ -60,9 +60,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from pydicom import dcmread
 
-from dicom_tls_proxy import devpki as factory
-from dicom_tls_proxy import dimse, pdu
-from dicom_tls_proxy.pdu_items import pdv_items
+from dicom_tls_proxy.dev import pki as factory
+from dicom_tls_proxy.protocol import dimse, pdu
+from dicom_tls_proxy.protocol.pdu_items import pdv_items
 from tests.support import (
     HAVE_DCMTK,
     TIMEOUT,

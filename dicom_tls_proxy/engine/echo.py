@@ -1,0 +1,328 @@
+"""The C-ECHO probe behind `dicom-tls-proxy echo`: test a DICOM link and say plainly what is wrong.
+
+It goes through the proxy's own TLS layer (the same verify callback and certificate policy as the
+proxy's origination), so a failure is explained with the same reasons the proxy logs, and the
+proxy's PDU codec. Its job is diagnosis: every failure becomes a cause and an advice in words an
+integration engineer can act on, never an exception. This module is the probe's protocol and I/O
+(connect, TLS, associate, echo, release, and what it sends a server before it leaves); the words
+are `echo_advice`'s. It prints nothing itself; the CLI formats `EchoResult`, and the route health
+checks record its cause.
+
+A server that accepts the association and then does anything but answer the C-ECHO (closes,
+aborts, asks to release, sends another message or bytes that are no PDU, stays silent) ends the
+probe through one door, `_farewell` for what the probe sends it (an A-ABORT, an A-RELEASE-RP: a
+PACS is not left holding an association the probe gave up on) and `echo_advice.after_accept` for
+the words.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import trio
+from cryptography import x509
+
+from dicom_tls_proxy.config.schema import Endpoint, Profile, TlsTable
+from dicom_tls_proxy.engine import echo_advice
+from dicom_tls_proxy.engine.echo_advice import Ending
+from dicom_tls_proxy.protocol import pdu
+from dicom_tls_proxy.protocol.dimse import (
+    VERIFICATION,
+    NotEchoResponse,
+    c_echo_rq,
+    echo_status,
+    encode_p_data,
+)
+from dicom_tls_proxy.protocol.pdu_items import PresentationContextItem, pdv_items
+from dicom_tls_proxy.security import certload
+from dicom_tls_proxy.security.thumbprint import parse_thumbprint
+from dicom_tls_proxy.transport.streams import (
+    STREAM_ERRORS,
+    aclose_quietly,
+    os_error_text,
+    read_pdu,
+)
+from dicom_tls_proxy.transport.tlscontext import TlsFailure, TlsInfo, client_context
+from dicom_tls_proxy.transport.tlsstream import ByteStream, TlsStream
+
+TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR LE
+IMPLEMENTATION_CLASS_UID = "2.25.80567781562008035110521856474551951270"
+IMPLEMENTATION_VERSION = "DICOMTLSPROXY"
+COMMAND_LIMIT = 64 * 1024  # a C-ECHO-RSP is about 100 bytes; fragments beyond this are not one
+
+
+@dataclass
+class EchoResult:
+    ok: bool = False
+    cause: str = ""
+    advice: str = ""
+    status: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    tls: TlsInfo | None = None
+    certificate: x509.Certificate | None = None  # the server's, also when verification failed
+
+    def fail(self, cause: str, advice: str) -> EchoResult:
+        self.ok, self.cause, self.advice = False, cause, advice
+        return self
+
+
+class _Recorder(trio.abc.HalfCloseableStream):
+    """Keeps the first bytes the server sent, to recognise TLS spoken to plaintext and back."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.first = b""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if not self.first:
+            self.first = bytes(data[:8])
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class SetupError(ValueError):
+    """A probe option that cannot work; the message names the option."""
+
+
+def client_table(
+    ca: Path | None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    *,
+    thumbprints: Sequence[str] = (),
+    password: bytes | None = None,
+    profile: Profile = "bcp195",
+    insecure: bool = False,
+    server_name: str | None = None,
+) -> TlsTable:
+    """The client-side TLS table a probe verifies the server with (as a route's upstream_tls)."""
+    if not (ca or thumbprints or insecure):
+        raise SetupError(
+            "no way to verify the server: give --tls-ca FILE or --thumbprint T "
+            "(or --insecure to only look at its certificate)"
+        )
+    if key is not None and cert is None:
+        raise SetupError("--tls-key needs --tls-cert")
+    try:
+        pinned = tuple(parse_thumbprint(t) for t in thumbprints)
+    except ValueError as exc:
+        raise SetupError(f"--thumbprint: {exc}") from None
+    try:
+        identity = certload.load_identity(cert, key, password) if cert else None
+        cas = tuple(certload.load_ca(ca)) if ca else ()
+    except certload.CertificateError as exc:
+        option = {"password": "--password-file", "key": "--tls-key"}.get(exc.blame, "--tls-cert")
+        if exc.path is not None and ca is not None and Path(exc.path) == ca:
+            option = "--tls-ca"
+        raise SetupError(f"{option}: {exc}") from None
+    return TlsTable.for_probe(
+        certificate=cert,
+        private_key=key,
+        ca=ca,
+        accepted_thumbprints=pinned,
+        profile=profile,
+        server_name=server_name or "",
+        identity=identity,
+        ca_certificates=cas,
+    )
+
+
+async def echo(
+    target: Endpoint,
+    called_ae: str,
+    calling_ae: str,
+    table: TlsTable | None,
+    *,
+    server_name: str | None = None,
+    timeout: float = 10.0,
+) -> EchoResult:
+    result = EchoResult()
+    start = time.perf_counter()
+    stream: ByteStream | None = None
+    where = str(target)
+    try:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                sock = await trio.open_tcp_stream(target.host, target.port)
+            except OSError as exc:
+                return result.fail(*echo_advice.connect_failed(where, os_error_text(exc)))
+            result.timings["connect"] = time.perf_counter() - start
+            recorder = _Recorder(sock)
+            stream = cast(ByteStream, recorder)
+            if table is not None:
+                name = server_name or table.server_name or target.host
+                mark = time.perf_counter()
+                try:
+                    tstream = await TlsStream.connect(recorder, client_context(table), table, name)
+                except TlsFailure as failure:
+                    result.certificate = failure.certificate
+                    pinned = table.accepted_thumbprints
+                    words = echo_advice.tls_failed(where, failure, recorder.first, pinned, name)
+                    return result.fail(*words)
+                except STREAM_ERRORS as exc:
+                    return result.fail(*echo_advice.closed_during_handshake(where, exc))
+                stream = tstream
+                result.tls = tstream.info()
+                result.certificate = result.tls.certificate
+                result.timings["tls"] = time.perf_counter() - mark
+            await _associate_and_echo(stream, recorder, called_ae, calling_ae, result, where)
+        if scope.cancelled_caught:
+            if result.cause:  # decided before the time ran out, while releasing
+                return result
+            if "associate" in result.timings and "echo" not in result.timings:
+                silent = float(timeout)
+                result.fail(*echo_advice.after_accept(silent))
+                assert stream is not None  # associated, so connected
+                await _send_quietly(stream, _farewell(silent))
+                return result
+            if "connect" not in result.timings:  # the TCP connect itself never completed
+                return result.fail(*echo_advice.timed_out(where, timeout, None))
+            step = (
+                "TLS handshake" if table is not None and "tls" not in result.timings else "answer"
+            )
+            return result.fail(*echo_advice.timed_out(where, timeout, step))
+    finally:
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await aclose_quietly(stream)
+    result.timings["total"] = time.perf_counter() - start
+    return result
+
+
+async def _associate_and_echo(
+    stream: ByteStream,
+    recorder: _Recorder,
+    called_ae: str,
+    calling_ae: str,
+    result: EchoResult,
+    where: str,
+) -> None:
+    mark = time.perf_counter()
+    context = PresentationContextItem(1, VERIFICATION, TRANSFER_SYNTAXES)
+    rq = pdu.encode_associate_rq(
+        called_ae,
+        calling_ae,
+        [context],
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION,
+    )
+    try:
+        await stream.send_all(rq)
+        raw, rest = await read_pdu(stream, 1 << 20, first=False)
+        answer = pdu.parse_pdu(raw)
+    except (pdu.PduError, *STREAM_ERRORS) as exc:
+        tls = result.tls is not None
+        result.fail(*echo_advice.associate_failed(where, exc, tls=tls, first=recorder.first))
+        return
+    if not isinstance(answer, pdu.AssociateAccept):
+        tls = result.tls is not None
+        result.fail(*echo_advice.not_accepted(answer, called_ae, calling_ae, tls=tls))
+        return
+    accepted = [pc for pc in answer.presentation_contexts if pc.result == 0 and pc.transfer_syntax]
+    result.timings["associate"] = time.perf_counter() - mark
+    if not accepted:
+        result.fail(*echo_advice.NO_VERIFICATION)
+        await _release(stream)
+        return
+    mark = time.perf_counter()
+    context_id = accepted[0].context_id
+    ending: Ending | int
+    try:
+        await stream.send_all(encode_p_data(context_id, c_echo_rq(), command=True))
+        ending = await _echo_answer(stream, context_id, rest)
+    except (pdu.PduError, NotEchoResponse, *STREAM_ERRORS) as exc:
+        ending = exc
+    if not isinstance(ending, int):
+        result.fail(*echo_advice.after_accept(ending))
+        await _send_quietly(stream, _farewell(ending))
+        return
+    result.status = ending
+    result.timings["echo"] = time.perf_counter() - mark
+    if ending != 0:  # decided before the release, which only ends the association politely
+        result.fail(*echo_advice.echo_failed(ending))
+    await _release(stream)
+    if ending == 0:
+        result.ok = True
+
+
+async def _echo_answer(stream: ByteStream, context_id: int, initial: bytes) -> int | pdu.Pdu:
+    """The status of the C-ECHO-RSP, or the PDU the server sent instead of one (an A-ABORT, an
+    A-RELEASE-RQ...). A command may come in fragments over several P-DATA-TF (PS3.8 Annex E):
+    they are joined up to the last one. `initial` is what came after the A-ASSOCIATE-AC.
+
+    Raises NotEchoResponse for a P-DATA-TF that carries something else, PduError for an invalid
+    PDU, a stream error (`PeerClosed` for an orderly close) when the connection ends."""
+    command = bytearray()
+    while True:
+        raw, initial = await read_pdu(stream, 1 << 20, first=False, initial=initial)
+        answer = pdu.parse_pdu(raw)
+        if not isinstance(answer, pdu.DataTransfer):
+            return answer
+        for context, control, data in pdv_items(raw, pdu.HEADER_LENGTH):
+            if not control & 0x01:
+                raise NotEchoResponse("a data set, not a C-ECHO-RSP (which has none)")
+            if context != context_id:
+                raise NotEchoResponse(
+                    f"a command on presentation context {context}, not on {context_id} "
+                    "(the one accepted for Verification)"
+                )
+            command += data
+            if len(command) > COMMAND_LIMIT:
+                raise NotEchoResponse(
+                    f"a command set of over {COMMAND_LIMIT} bytes, not a C-ECHO-RSP"
+                )
+            if control & 0x02:  # the last fragment
+                return echo_status(bytes(command))
+
+
+def _farewell(ending: Ending) -> bytes:
+    """What the probe sends a server that accepted the association and then did not answer the
+    C-ECHO (`ending`, as for `echo_advice.after_accept`), before it closes. The server is told
+    when the probe gives up on an association it still holds (an A-ABORT, an A-RELEASE-RP to its
+    A-RELEASE-RQ), so it is not left waiting with one; nothing when it ended the association."""
+    if isinstance(ending, (float, NotEchoResponse)):  # silent, or mixed up its DIMSE messages
+        return pdu.encode_abort(0, 0)
+    if isinstance(ending, (pdu.Abort, *STREAM_ERRORS)):  # aborted, closed or broke the connection
+        return b""
+    if isinstance(ending, pdu.ReleaseRequest):
+        return pdu.encode_release_rp()
+    if isinstance(ending, pdu.PduError):
+        return pdu.encode_abort(2, ending.abort_reason)
+    return pdu.encode_abort(2, pdu.UNEXPECTED_PDU)  # an AC again, an RJ, an RQ, an A-RELEASE-RP
+
+
+async def _send_quietly(stream: ByteStream, data: bytes) -> None:
+    """Send the probe's last PDU, if it takes at most a second; a server gone already does not
+    need it."""
+    if not data:
+        return
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(data)
+        except STREAM_ERRORS:
+            pass
+
+
+async def _release(stream: ByteStream) -> None:
+    with trio.move_on_after(5):
+        try:
+            await stream.send_all(pdu.encode_release_rq())
+            await read_pdu(stream, 1 << 16, first=False)
+        except (pdu.PduError, *STREAM_ERRORS):
+            pass
