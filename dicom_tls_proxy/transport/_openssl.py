@@ -6,7 +6,10 @@ allocates and copies, `sendall` cannot be told to drain the outgoing BIO between
 is no public way to ask whether OpenSSL wrote ciphertext that waits to be sent. Through the cffi
 bindings pyOpenSSL uses itself (`OpenSSL._util.ffi` and `lib`, a connection's `_ssl` and
 `_from_ssl`, `Connection._raise_ssl_error`) SSL_read decrypts straight into our buffer, BIO_read
-drains into it, and SSL_write reads from the caller's buffer.
+drains into it, and SSL_write reads from the caller's buffer. Measured with callgrind, both ends
+of one TLS connection in one process (pyOpenSSL 26.4.0, OpenSSL 4.0.3): 16.2 M instructions per
+MiB through memory BIOs on the private path, 25.3 M on the public one; 12.4 M and 16.3 M with the
+sender on a socket BIO. W1 termination through the proxy: about 1.6 and 1.9 CPU s/GB.
 
 The private path is written for, and was tested with, pyOpenSSL 26.4.0 with cryptography 50.0.2
 (its bundled OpenSSL 4.0.3) and pyOpenSSL 26.1.0 with cryptography 47.0.0 (OpenSSL 4.0.0):
@@ -37,7 +40,7 @@ import cryptography
 import OpenSSL
 from OpenSSL import SSL
 
-Path = Literal["private", "public"]
+Which = Literal["private", "public"]
 
 ENV = "DICOM_TLS_PROXY_OPENSSL"
 # [lowest, first too new) release of each package this module was written for and tested with.
@@ -48,7 +51,6 @@ WRITTEN_FOR: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 INSTALLED = {"pyOpenSSL": OpenSSL.__version__, "cryptography": cryptography.__version__}
 
 RECORD = 16 * 1024  # the most plaintext one TLS record carries, and one SSL_read returns
-RECORD_OVERHEAD = 64  # more than a record adds: header, explicit nonce, CBC padding and MAC, tag
 
 # What the private path calls in pyOpenSSL's cffi `lib` (cryptography's OpenSSL bindings).
 _NEEDED = ("SSL_read", "SSL_write", "BIO_read", "BIO_get_mem_data", "X509_verify_cert_error_string")
@@ -332,7 +334,7 @@ def _probe() -> str:
     return ""
 
 
-def _choose() -> tuple[Path, str]:
+def _choose() -> tuple[Which, str]:
     versions = ", ".join(f"{name} {version}" for name, version in INSTALLED.items())
     wanted = os.environ.get(ENV, "").strip().lower() or "auto"
     if wanted == "public":

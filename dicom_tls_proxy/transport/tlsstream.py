@@ -36,7 +36,7 @@ from OpenSSL import SSL
 
 from dicom_tls_proxy.config.schema import TlsTable
 from dicom_tls_proxy.transport import _openssl
-from dicom_tls_proxy.transport._openssl import RECORD, RECORD_OVERHEAD, Buffer
+from dicom_tls_proxy.transport._openssl import RECORD, Buffer
 from dicom_tls_proxy.transport.sockio import LeanStream, stream_error, waiting
 from dicom_tls_proxy.transport.tlscontext import (
     TlsInfo,
@@ -51,6 +51,7 @@ from dicom_tls_proxy.transport.tlscontext import (
 
 RECEIVE_SIZE = 256 * 1024  # one socket read; large, so one wake-up moves many records
 SLICE = 32 * 1024  # what goes through OpenSSL's memory BIOs at a time
+RECORD_OVERHEAD = 64  # more than a record adds: header, explicit nonce, CBC padding and MAC, tag
 _NO_LIMIT = sys.maxsize
 
 
