@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import trio
 from pydicom import dcmread
-from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_tls_proxy.config.load import load_config
 from dicom_tls_proxy.transport import _openssl
@@ -31,15 +30,12 @@ from dicom_tls_proxy.transport.tlscontext import client_context, server_context
 from dicom_tls_proxy.transport.tlsstream import TlsStream
 from tests.support import (
     TIMEOUT,
-    associate,
-    client_ssl_context,
     make_dataset,
     proxy_config,
     tls_out,
     toml_dumps,
-    wait_until,
 )
-from tests.test_origination import chain, identities, pacs_and_proxy
+from tests.test_origination import chain, echo_and_store_over_tls, identities, pacs_and_proxy
 
 __all__ = ["identities"]  # the module fixture, used by name
 
@@ -223,18 +219,7 @@ def test_relay_tls_in_and_out(
         tmp_path, pki, identities["pacs"], chain(pki), tls_in=True, env={ENV: path}
     ) as (proxy, out):
         started = proxy.wait_for(event="started")
-        ctx = client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
-        assoc = associate(
-            proxy.address("in"), "PACS", ssl_context=ctx, contexts=[Verification, CTImageStorage]
-        )
-        assert assoc.is_established
-        try:
-            assert assoc.send_c_echo().Status == 0
-            assert assoc.send_c_store(ds).Status == 0
-        finally:
-            assoc.release()
-        line = proxy.association()
-        received = wait_until(lambda: list(out.iterdir()), what="stored file")
+        line, received = echo_and_store_over_tls(proxy, out, pki, ds)
     assert started["openssl_path"] == (EXPECTED_AUTO if path == "auto" else "public")
     if path == "public":
         assert started["openssl_why"].startswith(f"{ENV}=public")

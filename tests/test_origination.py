@@ -230,24 +230,32 @@ def test_pacs_refuses_the_proxys_client_certificate(
     assert "client certificate of [tls.pacs]" in line["detail"], line["detail"]
 
 
+def echo_and_store_over_tls(
+    proxy: ProxyProcess, out: Path, pki: Path, ds: Any
+) -> tuple[dict[str, Any], list[Path]]:
+    """A pynetdicom TLS client through the proxy's `in` listener to the PACS: a C-ECHO and a
+    C-STORE of `ds`, each status 0; the association's log line and what the PACS stored."""
+    ctx = client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    assoc = associate(
+        proxy.address("in"), "PACS", ssl_context=ctx, contexts=[Verification, CTImageStorage]
+    )
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0
+        assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+    line = proxy.association()
+    return line, wait_until(lambda: list(out.iterdir()), what="stored file")
+
+
 def test_pynetdicom_tls_in_tls_out(tmp_path: Path, pki: Path, identities: Identities) -> None:
     ds = make_dataset(128, 128, seed=12)
     with pacs_and_proxy(tmp_path, pki, identities["pacs"], chain(pki), tls_in=True) as (
         proxy,
         out,
     ):
-        ctx = client_ssl_context(pki / "ca.pem", pki / "client.pem", pki / "client.key")
-        assoc = associate(
-            proxy.address("in"), "PACS", ssl_context=ctx, contexts=[Verification, CTImageStorage]
-        )
-        assert assoc.is_established
-        try:
-            assert assoc.send_c_echo().Status == 0
-            assert assoc.send_c_store(ds).Status == 0
-        finally:
-            assoc.release()
-        line = proxy.association()
-        received = wait_until(lambda: list(out.iterdir()), what="stored file")
+        line, received = echo_and_store_over_tls(proxy, out, pki, ds)
     stored = dcmread(received[0])
     assert stored.SOPInstanceUID == ds.SOPInstanceUID and stored.PixelData == ds.PixelData
     assert line["outcome"] == "completed" and line["reason"] == "released"
