@@ -18,13 +18,14 @@ from pathlib import Path
 import trio
 
 from dicom_tls_proxy.config.schema import Config
-from dicom_tls_proxy.engine.listener import Bound, serve
+from dicom_tls_proxy.engine.listener import serve
 from dicom_tls_proxy.engine.proxy import Proxy
 from dicom_tls_proxy.ops import audit as audit_log
 from dicom_tls_proxy.ops.audit import Audit, event
 from dicom_tls_proxy.ops.auditfile import AuditFile
 from dicom_tls_proxy.ops.metrics import MULTIPROC_ENV, Metrics
 from dicom_tls_proxy.ops.process import (
+    Bound,
     StartError,
     bind_listeners,
     bind_metrics,

@@ -17,10 +17,9 @@ from dicom_tls_proxy.config.schema import Listener
 from dicom_tls_proxy.engine.connection import handle
 from dicom_tls_proxy.engine.proxy import Proxy, warn_insecure
 from dicom_tls_proxy.ops.netaddr import format_address
+from dicom_tls_proxy.ops.process import Bound
 
 ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-Bound = list[tuple[Listener, trio.SocketListener]]
 
 
 async def serve(

@@ -137,10 +137,9 @@ class Proxy:
     def max_connections(self) -> int:
         return max(1, self.gen.config.proxy.max_connections // self.share)
 
-    def connection_opened(self, source: str) -> int:
-        """Count a connection from `source`; returns how many it now has."""
+    def connection_opened(self, source: str) -> None:
+        """Count a connection from `source` (pending or relayed; max_connections_per_ip)."""
         self.per_ip[source] += 1
-        return self.per_ip[source]
 
     def connection_closed(self, source: str) -> None:
         self.per_ip[source] -= 1
