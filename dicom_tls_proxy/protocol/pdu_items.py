@@ -36,7 +36,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
+
+B = TypeVar("B", bytes, memoryview)
 
 DICOM_APPLICATION_CONTEXT: Final = "1.2.840.10008.3.1.1.1"
 ITEM_APPLICATION_CONTEXT: Final = 0x10
@@ -281,14 +283,15 @@ def encode_request_items(
     return bytes(items)
 
 
-def pdv_items(raw: bytes, start: int) -> list[tuple[int, int, bytes]]:
+def pdv_items(raw: B, start: int) -> list[tuple[int, int, B]]:
     """The presentation-data-value items of a whole P-DATA-TF ``raw`` whose header ends at
     ``start``, as (context id, message control header, data); each PDV item is a 4-byte length,
-    then at least the context ID and the message control header. ItemError when malformed."""
+    then at least the context ID and the message control header. ItemError when malformed.
+    Given a memoryview, the data are views into it (a data set's pieces are not copied)."""
     pos, end = start, len(raw)
     if pos == end:
         raise ItemError("P-DATA-TF carries no PDV item")
-    out: list[tuple[int, int, bytes]] = []
+    out: list[tuple[int, int, B]] = []
     while pos < end:
         if end - pos < 4:
             raise ItemError(f"PDV item header truncated at offset {pos}")

@@ -1,0 +1,117 @@
+"""The spool's DICOM Part-10 files, through pydicom: the header written before a data set, the
+check that a data set parses, the file meta read back, and a data set rewritten in another
+uncompressed transfer syntax for an upstream that does not take the one it came in.
+
+Why apart from `spool`: the spool is about durability (names, fsync, renames, locks); this is
+about what is in a file. pydicom is imported inside the functions: it costs a quarter of a second
+and tens of MiB, which a proxy without store-and-forward routes never pays.
+
+What it must never do: write or remove a spool file (that is `spool`'s), or change the bytes of a
+data set it only checks.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_tls_proxy.protocol import dataset
+from dicom_tls_proxy.protocol.uids import EXPLICIT_VR_BE, IMPLICIT_VR_LE
+
+PREAMBLE = 128 + 4  # the preamble and "DICM"
+GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL, explicit VR: tag, VR, length, value
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    calling_ae: str
+    data_offset: int
+    size: int
+
+
+def header(
+    *,
+    sop_class: str,
+    sop_instance: str,
+    transfer_syntax: str,
+    calling_ae: str,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+) -> bytes:
+    """The preamble, "DICM" and the file meta information group (PS3.10 7.1) of an instance;
+    the sender's AE title is its Source Application Entity Title."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
+
+    file_meta = FileMetaDataset()
+    file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    file_meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    file_meta.ImplementationClassUID = UID(implementation_class_uid or "2.25.1")
+    if implementation_version_name:
+        file_meta.ImplementationVersionName = implementation_version_name
+    if calling_ae:
+        file_meta.SourceApplicationEntityTitle = calling_ae
+    buffer = DicomBytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)
+    return bytes(buffer.getvalue())
+
+
+def data_set_problem(path: Path, data_offset: int, transfer_syntax: str) -> str:
+    """Why the file's data set (from `data_offset`) does not parse as `transfer_syntax`, or ""
+    (`protocol.dataset`'s strict walk, over the file mapped in memory, not read)."""
+    try:
+        with path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size <= data_offset:
+                return "the C-STORE-RQ carried an empty data set"
+            with (
+                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+                memoryview(mapped) as whole,
+                whole[data_offset:] as view,
+            ):
+                return dataset.data_set_problem(view, transfer_syntax)
+    except OSError as exc:
+        return f"the stored data set cannot be read back: {exc}"
+
+
+def read_meta(path: Path) -> FileFacts | None:
+    """The file meta of a spool file; None if it cannot be read."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        file_meta = read_file_meta_info(path)
+        offset = PREAMBLE + GROUP_LENGTH_ELEMENT + int(file_meta.FileMetaInformationGroupLength)
+        return FileFacts(
+            sop_class=str(file_meta.MediaStorageSOPClassUID),
+            sop_instance=str(file_meta.MediaStorageSOPInstanceUID),
+            transfer_syntax=str(file_meta.TransferSyntaxUID),
+            calling_ae=str(file_meta.get("SourceApplicationEntityTitle", "")),
+            data_offset=offset,
+            size=path.stat().st_size - offset,
+        )
+    except Exception:  # anything pydicom raises on a damaged file: "unreadable"
+        return None
+
+
+def data_set_as(path: Path, transfer_syntax: str) -> bytes:
+    """The file's data set encoded in the uncompressed `transfer_syntax` (implicit or explicit
+    VR little endian, explicit big endian); the caller checked that its own syntax is
+    uncompressed too. Pixel data are rewritten value by value, never decompressed."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    data_set = pydicom.dcmread(path)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = transfer_syntax != EXPLICIT_VR_BE
+    buffer.is_implicit_VR = transfer_syntax == IMPLICIT_VR_LE
+    write_dataset(buffer, data_set)
+    return bytes(buffer.getvalue())
