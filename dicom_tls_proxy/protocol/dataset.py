@@ -114,7 +114,7 @@ class _Walker:
                 raise _Bad(f"element {name} of {length} bytes runs past the end of its container")
             if vr == b"SQ":  # implicit VR: a sequence of defined length is skipped unread
                 self._items(value, value + length, depth, defined=True, fragments=False)
-            return value + length
+            return int(value + length)
         if vr in (b"OB", b"OW"):  # encapsulated pixel data: fragments, not data sets
             return self._items(value, end, depth, defined=False, fragments=True)
         if vr == b"UN":  # an undefined-length UN is a sequence in implicit VR LE (PS3.5 6.2.2)
