@@ -70,6 +70,9 @@ async def run(config: Config, listen: str | None, worker: int | None, lifeline: 
     stopped, still goes out; it gets CLOSE_TIMEOUT for what is queued, then is cancelled."""
     share = config.proxy.workers if worker is not None else 1
     proxy = Proxy(config, Audit(worker=worker), share=share)
+    problems = proxy.forwarding.prepare(config)
+    if problems:
+        raise StartError("; ".join(problems))
     # Bound before any nursery opens, so that a port in use is a plain StartError.
     bound = listeners_from_fds(config, listen) if listen else await bind_listeners(config)
     trail, syslog, telemetry, metrics_sockets = await _open_sinks(config, proxy)
@@ -118,6 +121,7 @@ async def _serve(
                     telemetry.changed()
                 if proxy.worker in (None, 0):  # with workers = N, worker 0 checks for all
                     nursery.start_soon(proxy.health.run)
+                nursery.start_soon(proxy.forwarding.run)  # one process per spool forwards
 
                 def reload() -> None:  # SIGHUP and `watch = true` alike
                     proxy.reload(config.path)

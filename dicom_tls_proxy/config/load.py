@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicom_tls_proxy.config import spooling
 from dicom_tls_proxy.config.reader import (
     Reader,
     at_least,
@@ -315,7 +316,7 @@ def _routes(
     for i, item in enumerate(raw):
         key = f"route[{i}]"
         d = r.table(item, key)
-        r.unknown(d, key, _ROUTE_KEYS)
+        r.unknown(d, key, _ROUTE_KEYS | spooling.KEYS)
         for required in ("called_ae", "upstream"):
             if required not in d:
                 r.error(f"{key}.{required}", "missing")
@@ -340,6 +341,7 @@ def _routes(
                 f"{key}.health_check",
                 "the fallback route has no Called AE to probe: set upstream_called_ae",
             )
+        forwarding = spooling.read(r, d, key)
         if "listeners" in d:
             names = r.string_list(d, key, "listeners", lambda s: s)
             for j, ln in enumerate(names):
@@ -387,8 +389,10 @@ def _routes(
                     health_check_interval=interval,
                     health_check_timeout=check_timeout,
                     health_check_calling_ae=check_ae,
+                    **forwarding,
                 )
             )
+    spooling.check_shared(r, out)
     return out
 
 

@@ -34,6 +34,8 @@ Profile = Literal["bcp195", "tls13", "legacy"]
 VERIFY_MODES: tuple[VerifyMode, ...] = ("chain", "thumbprint", "chain+thumbprint", "none")
 PEER_CERTIFICATE_MODES: tuple[PeerCertificateMode, ...] = ("required", "optional", "none")
 PROFILES: tuple[Profile, ...] = ("bcp195", "tls13", "legacy")
+RouteMode = Literal["relay", "store-and-forward"]
+ROUTE_MODES: tuple[RouteMode, ...] = ("relay", "store-and-forward")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -198,10 +200,23 @@ class Route:
     health_check_interval: float = 60.0
     health_check_timeout: float = 10.0
     health_check_calling_ae: str = "DICOM_TLS_PROXY"
+    # Store-and-forward (issue 14): the proxy answers the association and spools what it gets.
+    mode: RouteMode = "relay"
+    spool: Path | None = None  # required with store-and-forward
+    spool_max_bytes: int = 0  # beyond it a C-STORE gets 0xA700; 0 = no limit
+    retry_interval: float = 10.0  # first retry after a failed forward, doubling ...
+    retry_max_interval: float = 600.0  # ... up to this
+    forward_batch: int = 100  # instances sent in one association at most
+    forward_timeout: float = 60.0  # seconds to wait for each answer of the upstream
 
     @property
     def key_path(self) -> str:
         return f"route[{self.index}]"
+
+    @property
+    def stores(self) -> bool:
+        """The proxy answers this route's associations itself and forwards from its spool."""
+        return self.mode == "store-and-forward"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from dicom_tls_proxy.config.schema import Listener, Route
 from dicom_tls_proxy.engine import routing
 from dicom_tls_proxy.engine.proxy import Generation, Proxy, Slot, warn_insecure
 from dicom_tls_proxy.engine.relay import Relay
+from dicom_tls_proxy.engine.storescp import StoreService
 from dicom_tls_proxy.ops.audit import AssociationRecord
 from dicom_tls_proxy.ops.netaddr import format_address
 from dicom_tls_proxy.protocol import pdu
@@ -169,9 +170,11 @@ class Connection:
         record.route, record.upstream = route.name, str(route.upstream)
         if proxy.active >= proxy.max_connections:
             return Stop(Reason.TOO_MANY_ASSOCIATIONS, f"{proxy.active} associations relayed")
-        self.association.step(Step.ROUTED)
+        self.association.step(Step.SERVED if route.stores else Step.ROUTED)
         proxy.active += 1
         try:
+            if route.stores:
+                return await self._store(route, rq, extra)
             return await self._associate_and_relay(route, rq, extra)
         finally:
             proxy.active -= 1
@@ -284,6 +287,25 @@ class Connection:
         if reason is Reason.SHUTDOWN:
             detail = "drain_timeout passed while stopping"
         return Stop(reason, detail)
+
+    async def _store(self, route: Route, rq: pdu.AssociateRequest, extra: bytes) -> Stop:
+        """A store-and-forward route: the proxy is the association's acceptor (`storescp`)."""
+        forwarding = self.proxy.forwarding
+        service = StoreService(
+            self.client,
+            self.record,
+            route,
+            forwarding.spool(route),
+            self.proxy.audit,
+            idle_timeout=self.gen.config.proxy.idle_timeout,
+            stored=lambda: forwarding.wake(route.name),
+        )
+        scope = trio.CancelScope()
+        self.proxy.relays.add(scope)
+        try:
+            return await service.run(rq, extra, scope)
+        finally:
+            self.proxy.relays.discard(scope)
 
     async def _open_upstream(self, route: Route) -> ByteStream | Stop:
         timeout = self.gen.config.proxy.connect_timeout

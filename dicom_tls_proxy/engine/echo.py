@@ -25,6 +25,7 @@ from typing import cast
 
 import trio
 from cryptography import x509
+from OpenSSL import SSL
 
 from dicom_tls_proxy.config.schema import Endpoint, Profile, TlsTable
 from dicom_tls_proxy.engine import echo_advice
@@ -38,6 +39,7 @@ from dicom_tls_proxy.protocol.dimse import (
     encode_p_data,
 )
 from dicom_tls_proxy.protocol.pdu_items import PresentationContextItem, pdv_items
+from dicom_tls_proxy.protocol.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_tls_proxy.security import certload
 from dicom_tls_proxy.security.thumbprint import parse_thumbprint
 from dicom_tls_proxy.transport.streams import (
@@ -50,8 +52,6 @@ from dicom_tls_proxy.transport.tlscontext import TlsFailure, TlsInfo, client_con
 from dicom_tls_proxy.transport.tlsstream import ByteStream, TlsStream
 
 TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit, explicit VR LE
-IMPLEMENTATION_CLASS_UID = "2.25.80567781562008035110521856474551951270"
-IMPLEMENTATION_VERSION = "DICOMTLSPROXY"
 COMMAND_LIMIT = 64 * 1024  # a C-ECHO-RSP is about 100 bytes; fragments beyond this are not one
 
 
@@ -143,6 +143,96 @@ def client_table(
     )
 
 
+@dataclass
+class Link:
+    """An association opened by `open_link`: the stream, the server's A-ASSOCIATE-AC, and the
+    bytes that came after it."""
+
+    stream: ByteStream
+    accept: pdu.AssociateAccept
+    rest: bytes
+
+
+async def open_link(
+    target: Endpoint,
+    called_ae: str,
+    calling_ae: str,
+    table: TlsTable | None,
+    contexts: Sequence[PresentationContextItem],
+    result: EchoResult,
+    opened: list[ByteStream],
+    *,
+    ssl_context: SSL.Context | None = None,
+    server_name: str | None = None,
+) -> Link | None:
+    """Connect, TLS (with `table`, through `ssl_context` or one made from the table), associate
+    proposing `contexts`: the link, or None with the cause and advice in `result`. The probe and
+    the store-and-forward forwarder both open their associations here, so a failure is told in
+    the same words. Timings, the TLS facts and the server's certificate go into `result`; every
+    stream is appended to `opened` as soon as it exists (the last one is the one to close, also
+    when a timeout cancels this half way)."""
+    start = time.perf_counter()
+    where = str(target)
+    try:
+        sock = await trio.open_tcp_stream(target.host, target.port)
+    except OSError as exc:
+        result.fail(*echo_advice.connect_failed(where, os_error_text(exc)))
+        return None
+    result.timings["connect"] = time.perf_counter() - start
+    recorder = _Recorder(sock)
+    opened.append(cast(ByteStream, recorder))
+    stream: ByteStream = cast(ByteStream, recorder)
+    if table is not None:
+        name = server_name or table.server_name or target.host
+        mark = time.perf_counter()
+        context = ssl_context or client_context(table)
+        try:
+            tstream = await TlsStream.connect(recorder, context, table, name)
+        except TlsFailure as failure:
+            result.certificate = failure.certificate
+            pinned = table.accepted_thumbprints
+            result.fail(*echo_advice.tls_failed(where, failure, recorder.first, pinned, name))
+            return None
+        except STREAM_ERRORS as exc:
+            result.fail(*echo_advice.closed_during_handshake(where, exc))
+            return None
+        opened.append(tstream)
+        stream = tstream
+        result.tls = tstream.info()
+        result.certificate = result.tls.certificate
+        result.timings["tls"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    rq = pdu.encode_associate_rq(
+        called_ae,
+        calling_ae,
+        contexts,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION,
+    )
+    tls = result.tls is not None
+    try:
+        await stream.send_all(rq)
+        raw, rest = await read_pdu(stream, 1 << 20, first=False)
+        answer = pdu.parse_pdu(raw)
+    except (pdu.PduError, *STREAM_ERRORS) as exc:
+        result.fail(*echo_advice.associate_failed(where, exc, tls=tls, first=recorder.first))
+        return None
+    if not isinstance(answer, pdu.AssociateAccept):
+        result.fail(*echo_advice.not_accepted(answer, called_ae, calling_ae, tls=tls))
+        return None
+    result.timings["associate"] = time.perf_counter() - mark
+    return Link(stream, answer, rest)
+
+
+def timed_out(result: EchoResult, table: TlsTable | None, where: str, timeout: float) -> None:
+    """The cause and advice for a probe or forward that ran out of time before it associated."""
+    if "connect" not in result.timings:  # the TCP connect itself never completed
+        result.fail(*echo_advice.timed_out(where, timeout, None))
+        return
+    step = "TLS handshake" if table is not None and "tls" not in result.timings else "answer"
+    result.fail(*echo_advice.timed_out(where, timeout, step))
+
+
 async def echo(
     target: Endpoint,
     called_ae: str,
@@ -154,98 +244,55 @@ async def echo(
 ) -> EchoResult:
     result = EchoResult()
     start = time.perf_counter()
-    stream: ByteStream | None = None
-    where = str(target)
+    opened: list[ByteStream] = []
     try:
         with trio.move_on_after(timeout) as scope:
-            try:
-                sock = await trio.open_tcp_stream(target.host, target.port)
-            except OSError as exc:
-                return result.fail(*echo_advice.connect_failed(where, os_error_text(exc)))
-            result.timings["connect"] = time.perf_counter() - start
-            recorder = _Recorder(sock)
-            stream = cast(ByteStream, recorder)
-            if table is not None:
-                name = server_name or table.server_name or target.host
-                mark = time.perf_counter()
-                try:
-                    tstream = await TlsStream.connect(recorder, client_context(table), table, name)
-                except TlsFailure as failure:
-                    result.certificate = failure.certificate
-                    pinned = table.accepted_thumbprints
-                    words = echo_advice.tls_failed(where, failure, recorder.first, pinned, name)
-                    return result.fail(*words)
-                except STREAM_ERRORS as exc:
-                    return result.fail(*echo_advice.closed_during_handshake(where, exc))
-                stream = tstream
-                result.tls = tstream.info()
-                result.certificate = result.tls.certificate
-                result.timings["tls"] = time.perf_counter() - mark
-            await _associate_and_echo(stream, recorder, called_ae, calling_ae, result, where)
+            context = PresentationContextItem(1, VERIFICATION, TRANSFER_SYNTAXES)
+            link = await open_link(
+                target,
+                called_ae,
+                calling_ae,
+                table,
+                [context],
+                result,
+                opened,
+                server_name=server_name,
+            )
+            if link is not None:
+                await _echo(link, result)
         if scope.cancelled_caught:
             if result.cause:  # decided before the time ran out, while releasing
                 return result
             if "associate" in result.timings and "echo" not in result.timings:
                 silent = float(timeout)
                 result.fail(*echo_advice.after_accept(silent))
-                assert stream is not None  # associated, so connected
-                await _send_quietly(stream, _farewell(silent))
+                await _send_quietly(opened[-1], _farewell(silent))
                 return result
-            if "connect" not in result.timings:  # the TCP connect itself never completed
-                return result.fail(*echo_advice.timed_out(where, timeout, None))
-            step = (
-                "TLS handshake" if table is not None and "tls" not in result.timings else "answer"
-            )
-            return result.fail(*echo_advice.timed_out(where, timeout, step))
+            timed_out(result, table, str(target), timeout)
+            return result
     finally:
-        if stream is not None:
+        if opened:
             with trio.CancelScope(shield=True):
-                await aclose_quietly(stream)
+                await aclose_quietly(opened[-1])
     result.timings["total"] = time.perf_counter() - start
     return result
 
 
-async def _associate_and_echo(
-    stream: ByteStream,
-    recorder: _Recorder,
-    called_ae: str,
-    calling_ae: str,
-    result: EchoResult,
-    where: str,
-) -> None:
-    mark = time.perf_counter()
-    context = PresentationContextItem(1, VERIFICATION, TRANSFER_SYNTAXES)
-    rq = pdu.encode_associate_rq(
-        called_ae,
-        calling_ae,
-        [context],
-        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-        implementation_version_name=IMPLEMENTATION_VERSION,
-    )
-    try:
-        await stream.send_all(rq)
-        raw, rest = await read_pdu(stream, 1 << 20, first=False)
-        answer = pdu.parse_pdu(raw)
-    except (pdu.PduError, *STREAM_ERRORS) as exc:
-        tls = result.tls is not None
-        result.fail(*echo_advice.associate_failed(where, exc, tls=tls, first=recorder.first))
-        return
-    if not isinstance(answer, pdu.AssociateAccept):
-        tls = result.tls is not None
-        result.fail(*echo_advice.not_accepted(answer, called_ae, calling_ae, tls=tls))
-        return
-    accepted = [pc for pc in answer.presentation_contexts if pc.result == 0 and pc.transfer_syntax]
-    result.timings["associate"] = time.perf_counter() - mark
+async def _echo(link: Link, result: EchoResult) -> None:
+    stream = link.stream
+    accepted = [
+        pc for pc in link.accept.presentation_contexts if pc.result == 0 and pc.transfer_syntax
+    ]
     if not accepted:
         result.fail(*echo_advice.NO_VERIFICATION)
-        await _release(stream)
+        await release(stream)
         return
     mark = time.perf_counter()
     context_id = accepted[0].context_id
     ending: Ending | int
     try:
         await stream.send_all(encode_p_data(context_id, c_echo_rq(), command=True))
-        ending = await _echo_answer(stream, context_id, rest)
+        ending = await _echo_answer(stream, context_id, link.rest)
     except (pdu.PduError, NotEchoResponse, *STREAM_ERRORS) as exc:
         ending = exc
     if not isinstance(ending, int):
@@ -256,7 +303,7 @@ async def _associate_and_echo(
     result.timings["echo"] = time.perf_counter() - mark
     if ending != 0:  # decided before the release, which only ends the association politely
         result.fail(*echo_advice.echo_failed(ending))
-    await _release(stream)
+    await release(stream)
     if ending == 0:
         result.ok = True
 
@@ -319,7 +366,8 @@ async def _send_quietly(stream: ByteStream, data: bytes) -> None:
             pass
 
 
-async def _release(stream: ByteStream) -> None:
+async def release(stream: ByteStream) -> None:
+    """Release the association politely (A-RELEASE-RQ, the RP awaited at most 5 s)."""
     with trio.move_on_after(5):
         try:
             await stream.send_all(pdu.encode_release_rq())

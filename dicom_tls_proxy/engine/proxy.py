@@ -19,6 +19,7 @@ from OpenSSL import SSL
 
 from dicom_tls_proxy.config.load import ConfigError, load_config
 from dicom_tls_proxy.config.schema import Config, TlsTable
+from dicom_tls_proxy.engine.forwarder import Forwarding
 from dicom_tls_proxy.engine.health import HealthChecks
 from dicom_tls_proxy.ops.audit import Audit
 from dicom_tls_proxy.ops.process import open_fds
@@ -114,6 +115,7 @@ class Proxy:
         self.connections: trio.Nursery | None = None  # the listeners' (see `listener.serve`)
         self.all_closed = trio.Event()
         self.health = HealthChecks(config)  # run by `app`; read by /readyz and /metrics
+        self.forwarding = Forwarding(self)  # store-and-forward spools and forwarders (`app`)
         self.syslog: SyslogSink | None = None  # follows a reload's `[tls.NAME]` table
         self._active = 0
         self.on_active: Callable[[int], None] | None = None  # told each change of `active`
@@ -178,8 +180,13 @@ class Proxy:
         except Exception as exc:
             event("reload-failed", logging.ERROR, msg=f"TLS setup failed: {exc}")
             return False
+        problems = self.forwarding.prepare(config)
+        if problems:
+            event("reload-failed", logging.ERROR, msg="a spool is unusable", problems=problems)
+            return False
         self.gen = gen
         self.health.follow(config)
+        self.forwarding.follow(config)
         if self.syslog is not None and config.audit.syslog_tls is not None:
             name = config.audit.syslog_tls
             self.syslog.follow(config.tls[name], gen.client_contexts[name])

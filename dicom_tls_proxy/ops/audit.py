@@ -171,6 +171,10 @@ AUDITED_EVENTS = frozenset(
         "drain-timeout",
         "stopping-now",
         "stopped",
+        # store-and-forward (issue 14): one line per instance, never its data
+        "stored",
+        "instance-forwarded",
+        "failed",
     }
 )
 

@@ -28,6 +28,7 @@ class State(enum.Enum):
     CONNECTING = "connecting"  # TCP (and TLS) to the upstream (connect_timeout)
     AWAITING_AC = "awaiting-ac"  # the RQ went upstream: its answer is awaited (associate_timeout)
     RELAYING = "relaying"  # the A-ASSOCIATE-AC went to the client: bytes both ways (idle_timeout)
+    SERVING = "serving"  # store-and-forward: the proxy's own AC went out; it answers (idle_timeout)
     ENDED = "ended"
 
 
@@ -39,6 +40,7 @@ class Step(enum.Enum):
     ROUTED = "routed"  # a route admits it, and there is room
     CONNECTED = "connected"  # the upstream connection is up; the RQ is forwarded
     ACCEPTED = "accepted"  # the upstream's A-ASSOCIATE-AC was relayed to the client
+    SERVED = "served"  # a store-and-forward route admits it: the proxy accepts it itself
 
 
 TRANSITIONS: dict[tuple[State, Step], State] = {
@@ -47,6 +49,7 @@ TRANSITIONS: dict[tuple[State, Step], State] = {
     (State.ROUTING, Step.ROUTED): State.CONNECTING,
     (State.CONNECTING, Step.CONNECTED): State.AWAITING_AC,
     (State.AWAITING_AC, Step.ACCEPTED): State.RELAYING,
+    (State.ROUTING, Step.SERVED): State.SERVING,
 }
 
 

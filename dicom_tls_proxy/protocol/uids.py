@@ -20,6 +20,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+# The proxy's own, in what it says as a DICOM application: its probes' and forwarder's RQs, a
+# store-and-forward route's AC, the file meta of its spool files.
+IMPLEMENTATION_CLASS_UID = "2.25.80567781562008035110521856474551951270"
+IMPLEMENTATION_VERSION = "DICOMTLSPROXY"
 STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"

@@ -24,6 +24,12 @@ PREAMBLE = 128 + 4  # the preamble and "DICM"
 GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL, explicit VR: tag, VR, length, value
 
 
+def load_pydicom() -> None:
+    """Import what the functions below use, ahead of the first instance."""
+    import pydicom.filereader
+    import pydicom.filewriter  # noqa: F401
+
+
 @dataclass(frozen=True)
 class FileFacts:
     sop_class: str
