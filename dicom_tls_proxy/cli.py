@@ -14,7 +14,7 @@ import click
 
 from dicom_tls_proxy import __version__
 from dicom_tls_proxy.config.load import ConfigError, load_config
-from dicom_tls_proxy.config.schema import Config, Profile
+from dicom_tls_proxy.config.schema import Config, Profile, Route
 from dicom_tls_proxy.engine.echo import EchoResult
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -74,10 +74,76 @@ def check(config_path: Path) -> None:
         if route.allow_source:
             rules.append("source " + ", ".join(str(n) for n in route.allow_source))
         only = f" [only {'; '.join(rules)}]" if rules else ""
+        stores = ""
+        if route.stores:
+            limit = f", at most {route.spool_max_bytes} bytes" if route.spool_max_bytes else ""
+            stores = f" [store-and-forward, spool {route.spool}{limit}]"
         click.echo(
             f"route {route.name}: called AE {route.called_ae!r} from {', '.join(route.listeners)}"
-            f" -> {route.upstream}{tls}{rewrite}{only}"
+            f" -> {route.upstream}{tls}{rewrite}{only}{stores}"
         )
+
+
+@main.group(invoke_without_command=True)
+@click.option(
+    "-c", "--config", "config_path", type=click.Path(path_type=Path), help="The TOML config file."
+)
+@click.pass_context
+def spool(ctx: click.Context, config_path: Path | None) -> None:
+    """List each store-and-forward route's queue (count, bytes, oldest) and its failed
+    instances with their reasons."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        _fail("Error: Missing option '-c' / '--config'.")
+    config = _load(config_path)
+    routes = [route for route in config.routes if route.stores]
+    if not routes:
+        click.echo(f'{config.path}: no route has mode = "store-and-forward"')
+    for route in routes:
+        click.echo(format_spool(route))
+
+
+def format_spool(route: Route) -> str:
+    from dicom_tls_proxy.protocol.uids import uid_name
+    from dicom_tls_proxy.store.spool import Spool
+
+    assert route.spool is not None
+    store = Spool(route.spool)
+    usage = store.usage().as_json()
+    oldest = "" if usage["oldest_age_s"] is None else f", oldest {usage['oldest_age_s']:.0f} s old"
+    lines = [
+        f"route {route.name} -> {route.upstream} (spool {route.spool}): "
+        f"{usage['queued']} queued, {usage['queued_bytes']} bytes{oldest}; "
+        f"{usage['failed']} failed"
+    ]
+    head = store.queued(1)
+    if head and head[0].attempts:
+        lines.append(
+            f"  next: {head[0].id}, {head[0].attempts} attempts, last: {head[0].last_error}"
+        )
+    for meta in store.failed():
+        lines.append(
+            f"  failed {meta.id}: {uid_name(meta.sop_class)} {meta.sop_instance} from "
+            f"{meta.calling_ae or '?'} at {meta.failed_at}: {meta.failed_reason}"
+        )
+    return "\n".join(lines)
+
+
+@spool.command("retry")
+@config_option
+@click.argument("route_name", metavar="ROUTE")
+def spool_retry(config_path: Path, route_name: str) -> None:
+    """Move the failed instances of store-and-forward route ROUTE back into its queue."""
+    from dicom_tls_proxy.store.spool import Spool
+
+    config = _load(config_path)
+    route = next((r for r in config.routes if r.name == route_name and r.stores), None)
+    if route is None or route.spool is None:
+        names = ", ".join(r.name for r in config.routes if r.stores) or "none"
+        _fail(f"no store-and-forward route named {route_name!r} (there are: {names})")
+    moved = Spool(route.spool).retry_failed()
+    click.echo(f"route {route.name}: {moved} failed instances back in the queue")
 
 
 @main.command()

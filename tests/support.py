@@ -266,6 +266,7 @@ class LegacyDevice:
         self.calling_aes: list[str] = []
         self.stored: list[Any] = []
         self.associations = 0
+        self.store_status: Callable[[Any], int] = lambda data_set: 0x0000  # a test may change it
         ae = AE(ae_title)
         ae.require_called_aet = False
         ae.maximum_pdu_size = 0
@@ -284,8 +285,10 @@ class LegacyDevice:
         def on_store(event: Any) -> int:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            self.stored.append(ds)
-            return 0x0000
+            status = self.store_status(ds)
+            if status == 0x0000:
+                self.stored.append(ds)
+            return status
 
         def on_find(event: Any) -> Iterator[tuple[int, Any]]:
             from pydicom.dataset import Dataset

@@ -65,7 +65,7 @@ def read(r: Reader, d: dict[str, Any], key: str) -> dict[str, Any]:
     text = r.value(d, key, "spool", str, "")
     if text:
         folder = Path(text).expanduser()
-        folder = folder if folder.is_absolute() else r.base / folder
+        folder = (folder if folder.is_absolute() else r.base / folder).absolute()
         problem = spool_problem(folder)
         if problem:
             r.error(f"{key}.spool", problem)

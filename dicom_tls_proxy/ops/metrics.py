@@ -44,6 +44,7 @@ from dicom_tls_proxy.config.schema import Config
 from dicom_tls_proxy.ops.audit import AssociationRecord
 from dicom_tls_proxy.ops.metricsweb import Pages, page_of
 from dicom_tls_proxy.protocol.vocabulary import Outcome
+from dicom_tls_proxy.store.spool import Spool
 
 if TYPE_CHECKING:
     from dicom_tls_proxy.ops.auditfile import AuditFile
@@ -173,7 +174,18 @@ class Metrics(Pages):
             buckets=HANDSHAKE_BUCKETS,
             registry=r,
         )
+        self.spool_events = {
+            event: Counter(f"{PREFIX}_spool_{name}", doc, ["route"], registry=r)
+            for event, name, doc in SPOOL_EVENTS
+        }
+        self.spool_forwarded_bytes = Counter(
+            f"{PREFIX}_spool_forwarded_bytes",
+            "Data set bytes of the instances the upstream took, by store-and-forward route",
+            ["route"],
+            registry=r,
+        )
         if folder is None:
+            r.register(SpoolGauges(lambda: proxy.gen.config))
             self.active.set_function(lambda: float(proxy.active))
             r.register(CertificateTimes(lambda: tls_times(proxy.gen.config)))
             r.register(_AuditCounters(trail, syslog))
@@ -208,7 +220,11 @@ class Metrics(Pages):
             self.handshake.observe(handshake)
 
     def event(self, fields: dict[str, Any]) -> None:
-        pass
+        counter = self.spool_events.get(fields.get("event", ""))
+        if counter is not None:
+            counter.labels(fields.get("route", OTHER_ROUTE)).inc()
+            if fields["event"] == "instance-forwarded":
+                self.spool_forwarded_bytes.labels(fields.get("route")).inc(fields.get("bytes", 0))
 
     def close(self) -> None:
         if self.folder is not None:  # the audit counters' last increments, the last status
@@ -231,6 +247,7 @@ class Metrics(Pages):
             "config": str(self.proxy.gen.config.path),
             # Route health checks inform; they never make the proxy unready.
             "routes": route_health(self.proxy),
+            "spools": spool_usage(self.proxy.gen.config),
         }
 
     # -- a worker's report to the supervisor ------------------------------------------------
@@ -278,6 +295,60 @@ class Metrics(Pages):
         temporary.write_text(status)
         os.replace(temporary, self._status_path)  # the supervisor never reads half a file
         self._status_written = status
+
+
+# Audit events counted per store-and-forward route: (event, metric name, help).
+SPOOL_EVENTS = (
+    ("stored", "stored", "Instances written to the spool and acknowledged with Success"),
+    ("instance-forwarded", "forwarded", "Instances the upstream took (Success or Warning)"),
+    ("failed", "failed", "Instances the upstream refused for good, moved to failed/"),
+)
+
+
+def spool_usage(config: Config) -> dict[str, dict[str, Any]]:
+    """Each store-and-forward route's spool as /readyz shows it: queued instances and bytes,
+    the oldest one's age, failed instances (read from the folder: shared by all workers)."""
+    return {
+        route.name: Spool(route.spool).usage().as_json()
+        for route in config.routes
+        if route.stores and route.spool is not None
+    }
+
+
+class SpoolGauges(Collector):
+    """The store-and-forward spools at scrape time (`spool_usage`, for the config `config`
+    gives): what is queued, how old the oldest is, what failed."""
+
+    def __init__(self, config: Callable[[], Config]) -> None:
+        self.config = config
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = {
+            "queued": GaugeMetricFamily(
+                f"{PREFIX}_spool_queued_instances",
+                "Instances in a store-and-forward route's spool, waiting to be forwarded",
+                labels=["route"],
+            ),
+            "queued_bytes": GaugeMetricFamily(
+                f"{PREFIX}_spool_queued_bytes",
+                "Bytes of the instances waiting in a store-and-forward route's spool",
+                labels=["route"],
+            ),
+            "oldest_age_s": GaugeMetricFamily(
+                f"{PREFIX}_spool_oldest_age_seconds",
+                "Age of the oldest instance waiting in the spool (0 when none waits)",
+                labels=["route"],
+            ),
+            "failed": GaugeMetricFamily(
+                f"{PREFIX}_spool_failed_instances",
+                "Instances in the spool's failed/ folder (refused for good; see `spool`)",
+                labels=["route"],
+            ),
+        }
+        for name, usage in spool_usage(self.config()).items():
+            for key, gauge in gauges.items():
+                gauge.add_metric([name], float(usage[key] or 0))
+        yield from gauges.values()
 
 
 def tls_times(config: Config) -> dict[str, dict[str, Any]]:

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from dicom_tls_proxy.config.schema import Config
-from dicom_tls_proxy.ops.metrics import CertificateTimes, UpstreamHealth
+from dicom_tls_proxy.ops.metrics import CertificateTimes, SpoolGauges, UpstreamHealth, spool_usage
 from dicom_tls_proxy.ops.metricsweb import Pages, page_of
 
 
@@ -53,6 +53,7 @@ class WorkersMetrics(Pages):
         MultiProcessCollector(self.registry, path=str(folder))  # type: ignore[no-untyped-call]
         self.registry.register(CertificateTimes(lambda: self.status(0).get("tls", {})))
         self.registry.register(UpstreamHealth(lambda: self.status(0).get("routes", {})))
+        self.registry.register(SpoolGauges(lambda: self.config))
 
     def status(self, index: int) -> dict[str, Any]:
         """What worker `index` last reported ({} before it did); possibly from a dead process,
@@ -90,5 +91,6 @@ class WorkersMetrics(Pages):
             "listeners": self.listeners,
             "config": str(self.config.path),
             "routes": self.status(0).get("routes", {}),  # worker 0 runs the checks
+            "spools": spool_usage(self.config),  # the folders, shared by the workers
             "workers": workers,
         }
