@@ -71,6 +71,8 @@ def test_describe_command_and_status() -> None:
     assert dimse.describe_status(0xB001) == "status 0xb001 (a warning)"
     assert dimse.describe_status(0xFF00) == "status 0xff00 (pending)"
     assert dimse.describe_status(0xA700) == "status 0xa700 (refused: out of resources)"
-    assert dimse.describe_status(0xA900) == "status 0xa900 (error: data set does not match SOP class)"
+    assert dimse.describe_status(0xA900) == (
+        "status 0xa900 (error: data set does not match SOP class)"
+    )
     assert dimse.describe_status(0xC000) == "status 0xc000 (error: cannot understand)"
     assert dimse.describe_status(0x0110) == "status 0x0110 (processing failure)"
