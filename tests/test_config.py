@@ -600,3 +600,66 @@ def test_example_config_passes_after_certs_init(tmp_path: Path) -> None:
     result = runner.invoke(main, ["check", "-c", str(tmp_path / "config.example.toml")])
     assert result.exit_code == 0, result.stderr
     load_config(tmp_path / "config.example.toml")
+
+
+SPOOL_BROKEN: list[tuple[str, dict[str, Any], str]] = [
+    ("no spool", {"mode": "store-and-forward"}, "route[1].spool: missing"),
+    ("bad mode", {"mode": "store"}, "route[1].mode: must be one of"),
+    ("spool on a relay route", {"spool": "s"}, 'route[1].spool: only a route with mode = "sto'),
+    (
+        "backoff upside down",
+        {"mode": "store-and-forward", "spool": "s", "retry_interval": 60, "retry_max_interval": 5},
+        "route[1].retry_max_interval: must be at least retry_interval (60.0)",
+    ),
+    (
+        "negative limit",
+        {"mode": "store-and-forward", "spool": "s", "spool_max_bytes": -1},
+        "route[1].spool_max_bytes: must be at least 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "keys", "expected"), SPOOL_BROKEN, ids=[b[0] for b in SPOOL_BROKEN]
+)
+def test_broken_store_and_forward_keys(
+    tmp_path: Path, pki: Path, name: str, keys: dict[str, Any], expected: str
+) -> None:
+    cfg = base_config(pki)
+    cfg["route"][1].update(keys)
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: {expected}" in err, err
+
+
+def test_store_and_forward_keys_load(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    cfg["route"][1].update(mode="store-and-forward", spool="spool/pacs", spool_max_bytes=10**9)
+    code, out, err, path = run_check(tmp_path, cfg)
+    assert code == 0, err
+    assert f"[store-and-forward, spool {tmp_path}/spool/pacs, at most 1000000000 bytes]" in out
+    relay, stores = load_config(path).routes
+    assert (relay.mode, relay.spool, relay.stores) == ("relay", None, False)
+    assert stores.stores and stores.spool == tmp_path / "spool" / "pacs"
+    assert (stores.retry_interval, stores.retry_max_interval) == (10.0, 600.0)
+    assert not (tmp_path / "spool").exists()  # `check` creates nothing
+
+
+def test_a_spool_others_can_write_is_refused(tmp_path: Path, pki: Path) -> None:
+    spool = tmp_path / "shared"
+    spool.mkdir()
+    spool.chmod(0o777)
+    cfg = base_config(pki)
+    cfg["route"][1].update(mode="store-and-forward", spool=str(spool))
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: route[1].spool: refused: {spool} is writable by other users" in err
+
+
+def test_two_routes_cannot_share_a_spool(tmp_path: Path, pki: Path) -> None:
+    cfg = base_config(pki)
+    for route in cfg["route"]:
+        route.update(mode="store-and-forward", spool="spool")
+    code, _, err, path = run_check(tmp_path, cfg)
+    assert code == 2
+    assert f"{path}: route[1].spool: {tmp_path}/spool is already the spool of route[0]" in err
