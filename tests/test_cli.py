@@ -116,7 +116,7 @@ def _readme_configs() -> list[tuple[str, str]]:
     section = text.split("## Use cases", 1)[1].split("\n## ", 1)[0]
     titles = re.findall(r"^### (.+)$", section, re.M)
     blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
-    assert len(titles) == len(blocks) == 3
+    assert len(titles) == len(blocks) == 4
     return list(zip(titles, blocks, strict=True))
 
 
