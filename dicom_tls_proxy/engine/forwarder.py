@@ -140,12 +140,19 @@ class Forwarding:
         self._wake[route.name] = trio.Event()
 
     async def _forward(self, route: Route) -> None:
+        """Forward the route's spool whenever this process holds its lock. A failure of the
+        forwarder's own (a bug, a spool folder removed under it) is an error line with its
+        traceback and a new start after LOCK_RETRY: it must not take down the proxy, which
+        goes on accepting into the spool and serving the other routes."""
         spool = self.spool(route)
         self._wake[route.name] = trio.Event()
         while True:
-            with spool.forwarder_lock() as mine:
-                if mine:
-                    await RouteForwarder(self.proxy, route, spool, self._nap).run()
+            try:
+                with spool.forwarder_lock() as mine:
+                    if mine:
+                        await RouteForwarder(self.proxy, route, spool, self._nap).run()
+            except Exception:
+                self.proxy.audit.exception("forwarder failed", route=route.name)
             await self._nap(route, LOCK_RETRY)
 
 
