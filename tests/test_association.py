@@ -51,7 +51,25 @@ def test_the_happy_path_walks_every_state_once() -> None:
     for step, state in HAPPY_PATH:
         association.step(step)
         assert association.state is state
-    assert len(TRANSITIONS) == len(HAPPY_PATH)
+    assert len(TRANSITIONS) == len(HAPPY_PATH) + len(STORE_PATH)
+
+
+# A store-and-forward route: the proxy accepts the association itself once routed.
+STORE_PATH = [(Step.SERVED, State.SERVING)]
+
+
+def test_a_store_and_forward_association_is_served_and_the_upstream_never_hears() -> None:
+    association = Association()
+    for step, _ in HAPPY_PATH[:2]:
+        association.step(step)
+    for step, state in STORE_PATH:
+        association.step(step)
+        assert association.state is state
+    for reason in Reason:
+        assert ending(State.SERVING, reason).upstream is None
+    assert ending(State.SERVING, Reason.INVALID_PDU) == Ending(Outcome.ABORTED, Abort(2, 6))
+    assert ending(State.SERVING, Reason.IDLE_TIMEOUT) == Ending(Outcome.TIMED_OUT, Abort(2, 0))
+    assert association.end(Reason.RELEASED) == Ending(Outcome.COMPLETED, None)
 
 
 @pytest.mark.parametrize("state", list(State))

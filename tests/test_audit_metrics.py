@@ -275,6 +275,7 @@ def test_healthz_and_readyz(tmp_path: Path, pki: Path, legacy: LegacyDevice) -> 
             "listeners": [f"{host}:{port}"],
             "config": str(tmp_path / "proxy.toml"),
             "routes": {},
+            "spools": {},
         }
         assert get(web, "/readyz?verbose=1")[0] == 200
         assert get(web, "/healthz", "HEAD")[:2] == (200, "text/plain; charset=utf-8")
