@@ -39,9 +39,10 @@ table{border-collapse:collapse;width:100%;font-size:13px}
 th{position:sticky;top:0;background:#e9edf3;text-align:left;white-space:nowrap}
 th,td{padding:3px 8px;border-bottom:1px solid #e6e9ef;vertical-align:top}
 td.num{text-align:right;white-space:nowrap}
-.mono{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px;
-word-break:break-all}
+.mono,.sha{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px}
+.mono{white-space:nowrap}.sha{word-break:break-all;min-width:16em}
 .ok{color:#17683a}.bad{color:#b3261e;font-weight:600}.muted{color:#6b7686}
+header .ok,header .bad{padding:1px 8px;border-radius:4px;background:#fff}
 .warn{background:#fff1c2}.alarm{background:#ffd4d0;font-weight:600}
 input{font:inherit;padding:2px 6px;margin:4px 0}
 #state.alarm{color:#b3261e;background:none}
@@ -142,14 +143,14 @@ function render(d) {
     ["Health", (r) => r.upstream ? health(r.health) : ""],
     ["Now", (r) => r.associations_now, "num"], ["Since start", (r) => r.associations_total, "num"],
     ["Refused", (r) => r.refusals_total, "num"],
-    ["Queue", (r) => r.queue ? JSON.stringify(r.queue) : ""],
-  ]);
+  ].concat((d.routes || []).some((r) => r.queue) ?  // store-and-forward routes
+    [["Queue", (r) => r.queue ? JSON.stringify(r.queue) : ""]] : []));
   const filter = $("filter").value.trim().toLowerCase();
   fill("associations", assoc, [
     ["Peer", (a) => a.peer, "mono"], ["Calling AE", (a) => a.calling_ae],
     ["Called AE", (a) => a.called_ae], ["Route", (a) => a.route],
     ["Certificate subject", (a) => a.peer_subject || "(none)"],
-    ["SHA-256", (a) => a.peer_sha256, "mono"],
+    ["SHA-256", (a) => a.peer_sha256, "sha"],
     ["TLS", (a) => [a.tls_version, a.cipher].filter(Boolean).join(" ")],
     ["Up", (a) => size(a.bytes_up), "num"], ["Down", (a) => size(a.bytes_down), "num"],
     ["Duration", (a) => span(a.duration_s), "num"],
@@ -159,7 +160,7 @@ function render(d) {
     ["Calling AE", (r) => r.calling_ae], ["Called AE", (r) => r.called_ae],
     ["Reason", (r) => r.reason + (r.explanation ? ": " + r.explanation : ""), "bad"],
     ["Detail", (r) => r.detail], ["Certificate subject", (r) => r.peer_subject || ""],
-    ["SHA-256 (for accepted_thumbprints)", (r) => r.peer_sha256 || "", "mono"],
+    ["SHA-256 (for accepted_thumbprints)", (r) => r.peer_sha256 || "", "sha"],
   ]);
   fill("certificates", own, [
     ["TLS table", (c) => c.tls], ["Kind", (c) => c.kind],
@@ -169,7 +170,7 @@ function render(d) {
   ]);
   fill("peers", peers, [
     ["Subject", (c) => c.subject], ["Issuer", (c) => c.issuer],
-    ["SHA-256", (c) => c.sha256, "mono"],
+    ["SHA-256", (c) => c.sha256, "sha"],
     ["Not after", (c) => c.not_after, "mono"], ["Days left", (c) => expiry(c.days_left), "num"],
     ["First seen", (c) => c.first_seen, "mono"], ["Last seen", (c) => c.last_seen, "mono"],
     ["Associations", (c) => c.associations, "num"],
