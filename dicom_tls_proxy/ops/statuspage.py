@@ -228,7 +228,7 @@ PAGE = """<!DOCTYPE html>
 <section><h2>Live associations</h2>
 <input id="filter" placeholder="filter (AE, address, subject...)" aria-label="filter">
 <div class="scroll"><table id="associations"></table></div></section>
-<section><h2>Recent refusals (newest first, at most 100)</h2>
+<section><h2>Recent refusals: connections that did not complete (newest first, at most 100)</h2>
 <div class="scroll"><table id="refusals"></table></div></section>
 <section><h2>Routes</h2><div class="scroll"><table id="routes"></table></div></section>
 <section><h2>Listeners</h2><div class="scroll"><table id="listeners"></table></div></section>
