@@ -136,7 +136,9 @@ bind = "127.0.0.1:{web_port}"
             await asyncio.to_thread(wait_port, tls_port)
             await idle.close_all([await associate(tls_port, tls)])  # warm-up
             await acceptor.wait_all_closed()
-            figures["0"] = {p: await asyncio.to_thread(timed, web_port, p, args.repeat) for p in PAGES}
+            figures["0"] = {
+                p: await asyncio.to_thread(timed, web_port, p, args.repeat) for p in PAGES
+            }
             gate = asyncio.Semaphore(idle.OPEN_CONCURRENCY)
 
             async def one() -> idle.Association:
