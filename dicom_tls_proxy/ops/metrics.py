@@ -44,7 +44,13 @@ from dicom_tls_proxy.config.schema import Config
 from dicom_tls_proxy.ops.audit import AssociationRecord
 from dicom_tls_proxy.ops.inventory import PeerExpiry, PeerInventory, state_path
 from dicom_tls_proxy.ops.metricsweb import Pages, page_of
-from dicom_tls_proxy.ops.status import OTHER_ROUTE, StatusBoard, StatusView, document, route_health
+from dicom_tls_proxy.ops.status import (
+    StatusBoard,
+    StatusView,
+    document,
+    route_health,
+    route_label,
+)
 from dicom_tls_proxy.protocol.vocabulary import Outcome
 
 if TYPE_CHECKING:
@@ -167,8 +173,7 @@ class Metrics(Pages):
     # -- the sink interface -----------------------------------------------------------------
 
     def association(self, record: AssociationRecord, fields: dict[str, Any]) -> None:
-        routes = {route.name for route in self.proxy.gen.config.routes}
-        route = record.route if record.route in routes else OTHER_ROUTE
+        route = route_label(self.proxy.gen.config, record.route)
         self.associations.labels(record.listener, route, record.outcome).inc()
         if not record.completed:
             self.refusals.labels(record.reason).inc()

@@ -96,6 +96,12 @@ def route_health(proxy: StatusView) -> dict[str, dict[str, Any]]:
     return {name: health.as_json() for name, health in sorted(proxy.health.results.items())}
 
 
+def route_label(config: Config, route: str) -> str:
+    """The configured route an association is counted under, OTHER_ROUTE when it matched none
+    (a label value never comes from the network)."""
+    return route if any(r.name == route for r in config.routes) else OTHER_ROUTE
+
+
 def iso(moment: float) -> str:
     """A POSIX time as the audit's timestamps are written (UTC, milliseconds, Z)."""
     text = datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
@@ -117,15 +123,18 @@ class StatusBoard:
         self.refused: Counter[str] = Counter()
         self.listening: dict[str, list[str]] = {}  # listener -> bound addresses
         self._certificates: tuple[int, list[dict[str, Any]]] = (0, [])
+        # A record's start is monotonic; one offset to wall time keeps a worker's board the same
+        # from one second to the next while nothing happens (it is rewritten only on a change).
+        self._wall = time.time() - time.monotonic()
 
     # -- the sink interface ---------------------------------------------------------------
 
     def association(self, record: AssociationRecord, fields: dict[str, Any]) -> None:
         config = self.view.gen.config
-        route = record.route if any(r.name == record.route for r in config.routes) else ""
-        self.associations[route or OTHER_ROUTE] += 1
+        route = route_label(config, record.route)
+        self.associations[route] += 1
         if not record.completed:
-            self.refused[route or OTHER_ROUTE] += 1
+            self.refused[route] += 1
             self.refusals.append(refusal(record, fields.get("ts", "")))
         if record.peer_certificate and _verifies(config, record.listener):
             self.inventory.seen(record.peer_certificate, fields.get("ts", "") or iso(time.time()))
@@ -150,8 +159,7 @@ class StatusBoard:
         view = self.view
         config, gen = view.gen.config, view.gen
         live = sorted(view.live.values(), key=lambda r: r.started)
-        now_wall, now_mono = time.time(), time.monotonic()
-        associations = [association(r, now_wall - (now_mono - r.started)) for r in live]
+        associations = [association(r, self._wall + r.started) for r in live]
         if view.worker is not None:
             for item in associations:
                 item["worker"] = view.worker
