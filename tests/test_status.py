@@ -320,7 +320,7 @@ def test_allow_source_closes_other_addresses_and_says_so(
     with running_proxy(tmp_path, cfg) as proxy:
         web = web_address(proxy)
         for path in ("/status", "/status.json", "/metrics"):
-            with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+            with pytest.raises(ConnectionError):  # closed unanswered (reset, or EOF)
                 fetch(web, path)
         line = proxy.wait_for(event="metrics-refused")
         assert line["source"] == "127.0.0.1" and line["level"] == "warning"
