@@ -182,6 +182,49 @@ def reload(config_path: Path) -> None:
     click.echo(f"{config.path}: valid; sent SIGHUP to process {pid} (see its log for the result)")
 
 
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print /status.json as it is.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds.")
+def status(config_path: Path, as_json: bool, timeout: float) -> None:
+    """Show what the running proxy (named by `[metrics] bind`) serves now: its associations,
+    recent refusals, routes and certificates."""
+    import http.client
+    import json
+
+    from dicom_tls_proxy.ops.statuspage import as_text
+
+    config = _load(config_path)
+    bind = config.metrics.bind
+    if bind is None:
+        _fail(f"{config.path}: metrics.bind: not set, so the status page is not served")
+    if bind.port == 0:
+        _fail(f"{config.path}: metrics.bind: port 0 is chosen at start; give a fixed port")
+    host = {"": "127.0.0.1", "*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+    address = host.get(bind.host, bind.host)
+    url = f"http://{address}:{bind.port}/status.json"
+    try:
+        conn = http.client.HTTPConnection(address, bind.port, timeout=timeout)
+        try:
+            conn.request("GET", "/status.json")
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            _fail(f"{url}: HTTP {response.status}", EXIT_FAILURE)
+        doc = json.loads(body)
+    except ConnectionRefusedError:
+        _fail(f"{url}: nothing answers: is the proxy running with this config?", EXIT_FAILURE)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        _fail(
+            f"{url}: no status ({type(exc).__name__}: {exc}); is this host in "
+            "metrics.allow_source?",
+            EXIT_FAILURE,
+        )
+    click.echo(json.dumps(doc, indent=2) if as_json else as_text(doc))
+
+
 @main.command(hidden=True)
 @config_option
 @click.option("--index", type=int, required=True)

@@ -216,7 +216,9 @@ async def supervise(config: Config) -> int:
                     try:
                         watched = load_config(config.path)
                     except ConfigError:
-                        pass  # the workers log why; keep watching what was watched
+                        return  # the workers log why; keep watching what was watched
+                    if web is not None:
+                        web.config = watched  # metrics.allow_source follows, as in a worker
 
                 nursery.start_soon(watch_folders, lambda: watched, reload)
                 facts: dict[str, Any] = {"workers": len(workers), "pids": [p.pid for p in workers]}

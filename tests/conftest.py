@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_tls_proxy.dev.pki import init_pki
-from tests.support import EVERY_PROXY_LINE, HAVE_DCMTK, LegacyDevice
+from tests.support import EVERY_PAGE, EVERY_PROXY_LINE, HAVE_DCMTK, LegacyDevice
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +55,9 @@ def holds_key_line(line: str, key_lines: set[str]) -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_secret_in_any_log_or_audit_line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """After the whole session: no line any proxy logged, and no line of any audit file, holds a
-    line of any private key or any password file the tests wrote."""
+    """After the whole session: no line any proxy logged, no line of any audit file, and no line
+    of any status page a test fetched (`EVERY_PAGE`), holds a line of any private key or any
+    password file the tests wrote."""
     yield
     base = tmp_path_factory.getbasetemp()
     key_lines: set[str] = set()
@@ -71,6 +72,7 @@ def no_secret_in_any_log_or_audit_line(tmp_path_factory: pytest.TempPathFactory)
     }
     passwords = {pw for pw in passwords if len(pw) >= 8}  # "wrong" is also an ordinary word
     lines = list(EVERY_PROXY_LINE)
+    lines += [line for page in EVERY_PAGE for line in page.splitlines()]
     for trail in base.rglob("*.jsonl"):
         lines += trail.read_text(errors="replace").splitlines() if trail.is_file() else []
     leaks = [
@@ -78,4 +80,6 @@ def no_secret_in_any_log_or_audit_line(tmp_path_factory: pytest.TempPathFactory)
         for line in lines
         if holds_key_line(line, key_lines) or any(pw in line for pw in passwords)
     ]
-    assert not leaks, f"{len(leaks)} log/audit lines hold key material or a password: {leaks[:3]}"
+    assert not leaks, (
+        f"{len(leaks)} log/audit/page lines hold key material or a password: {leaks[:3]}"
+    )

@@ -115,6 +115,7 @@ def wait_port(host: str, port: int, timeout: float = TIMEOUT) -> None:
 
 
 EVERY_PROXY_LINE: list[str] = []  # the whole session's proxy output, for the secrets check
+EVERY_PAGE: list[str] = []  # every status page and JSON a test fetched, for the same check
 
 
 class ProxyProcess:

@@ -290,11 +290,18 @@ def test_readyz_is_503_while_draining_and_before_listeners_are_up(
 
     not_yet = SimpleNamespace(
         active=0,
+        worker=None,
         stopping=False,
         gen=SimpleNamespace(config=None),
         health=SimpleNamespace(results={}),
     )
-    not_yet.gen.config = SimpleNamespace(path=tmp_path / "proxy.toml", routes=(), tls={})
+    not_yet.gen.config = SimpleNamespace(
+        path=tmp_path / "proxy.toml",
+        routes=(),
+        tls={},
+        audit=SimpleNamespace(file=None),
+        proxy=SimpleNamespace(pid_file=None),
+    )
     status, _, body = Metrics(not_yet).page("/readyz")  # type: ignore[arg-type]
     assert status == 503 and json.loads(body)["ready"] is False
 

@@ -70,6 +70,15 @@ def _network(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not an IP address or CIDR network") from None
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # "*", "" (every address) or a host name
+
+
 def _name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
         raise ValueError(f"{text!r} is not a valid name (letters, digits, '_', '.', '-')")
@@ -130,7 +139,7 @@ def _build(r: Reader, data: dict[str, Any], now: datetime) -> Config:
     audit_data = r.table(data.get("audit", {}), "audit")
     audit = _audit(r, audit_data, data.get("tls", {}))
     metrics_data = r.table(data.get("metrics", {}), "metrics")
-    r.unknown(metrics_data, "metrics", {"bind"})
+    r.unknown(metrics_data, "metrics", {"bind", "allow_source"})
     metrics = MetricsSettings(
         bind=r.value(
             metrics_data,
@@ -139,8 +148,16 @@ def _build(r: Reader, data: dict[str, Any], now: datetime) -> Config:
             str,
             None,
             lambda t: parse_endpoint(t, allow_port_zero=True),
-        )
+        ),
+        allow_source=r.string_list(metrics_data, "metrics", "allow_source", _network),
     )
+    if metrics.bind is not None and not metrics.allow_source and not _loopback(metrics.bind.host):
+        r.warn(
+            "metrics.bind",
+            f"{metrics.bind} is not a loopback address and metrics.allow_source is empty: "
+            "anyone who reaches it reads the status page (AE titles, addresses, certificate "
+            "names); list the monitoring hosts in allow_source",
+        )
     tls_data = r.table(data.get("tls", {}), "tls")
     tables: dict[str, TlsTable] = {}
     for name, table in tls_data.items():

@@ -96,7 +96,8 @@ class AuditSettings:
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
-    bind: Endpoint | None = None  # /metrics, /healthz, /readyz
+    bind: Endpoint | None = None  # /metrics, /healthz, /readyz, /status, /status.json
+    allow_source: tuple[IPNetwork, ...] = ()  # who may connect to it; empty: anyone
 
 
 @dataclass(frozen=True)

@@ -171,13 +171,13 @@ class Connection:
         if proxy.active >= proxy.max_connections:
             return Stop(Reason.TOO_MANY_ASSOCIATIONS, f"{proxy.active} associations relayed")
         self.association.step(Step.SERVED if route.stores else Step.ROUTED)
-        proxy.active += 1
+        proxy.association_opened(record)
         try:
             if route.stores:
                 return await self._store(route, rq, extra)
             return await self._associate_and_relay(route, rq, extra)
         finally:
-            proxy.active -= 1
+            proxy.association_closed(record)
             proxy.relayed += 1
 
     def _admit(self, source: IPAddress) -> Stop | None:
@@ -227,6 +227,7 @@ class Connection:
         if info.certificate is not None:
             d = policy.describe(info.certificate)
             record.peer_subject, record.peer_sha256 = d["subject"], d["sha256"]
+            record.peer_certificate = d
         for warning in info.warnings:
             audit.event(
                 "weak-certificate-accepted",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from OpenSSL import SSL
@@ -21,7 +22,7 @@ from dicom_tls_proxy.config.load import ConfigError, load_config
 from dicom_tls_proxy.config.schema import Config, TlsTable
 from dicom_tls_proxy.engine.forwarder import Forwarding
 from dicom_tls_proxy.engine.health import HealthChecks
-from dicom_tls_proxy.ops.audit import Audit
+from dicom_tls_proxy.ops.audit import AssociationRecord, Audit
 from dicom_tls_proxy.ops.process import open_fds
 from dicom_tls_proxy.ops.syslogsink import SyslogSink
 from dicom_tls_proxy.transport.tlscontext import client_context, server_context
@@ -35,6 +36,7 @@ class Generation:
     config: Config
     server_contexts: dict[str, SSL.Context]
     client_contexts: dict[str, SSL.Context]
+    loaded: float = field(default_factory=time.time)  # when its config was read (the status page)
 
     @classmethod
     def build(cls, config: Config) -> Generation:
@@ -117,6 +119,10 @@ class Proxy:
         self.health = HealthChecks(config)  # run by `app`; read by /readyz and /metrics
         self.forwarding = Forwarding(self)  # store-and-forward spools and forwarders (`app`)
         self.syslog: SyslogSink | None = None  # follows a reload's `[tls.NAME]` table
+        self.started = time.time()
+        # Associations routed and not ended yet, by id of their record: their bytes and facts
+        # as they travel, for the status page; `active` is how many.
+        self.live: dict[int, AssociationRecord] = {}
         self._active = 0
         self.on_active: Callable[[int], None] | None = None  # told each change of `active`
 
@@ -134,6 +140,15 @@ class Proxy:
         self._active = value
         if self.on_active is not None:
             self.on_active(value)
+
+    def association_opened(self, record: AssociationRecord) -> None:
+        """An association was routed: it counts as active (max_connections) until it ends."""
+        self.live[id(record)] = record
+        self.active = len(self.live)
+
+    def association_closed(self, record: AssociationRecord) -> None:
+        self.live.pop(id(record), None)
+        self.active = len(self.live)
 
     @property
     def max_connections(self) -> int:

@@ -54,10 +54,19 @@ class AssociationRecord:
     duration_s: float = 0.0
     started: float = field(default_factory=time.monotonic, repr=False)
     tls_established: float = field(default=0.0, repr=False)  # monotonic; 0.0 = no TLS handshake
+    # The accepted peer certificate's `policy.describe` (issuer, notAfter, CN...), for the status
+    # page's inventory; not a log field (subject and SHA-256 are, above).
+    peer_certificate: dict[str, str] = field(default_factory=dict, repr=False)
 
     def handshake_done(self) -> None:
         """Marks the end of the inbound TLS handshake, for the handshake-time histogram."""
         self.tls_established = time.monotonic()
+
+    @property
+    def completed(self) -> bool:
+        """Ended well, or not ended yet; anything else is a refusal (the log's warning lines,
+        the `refusals` counter, the status page's recent refusals)."""
+        return self.outcome in (Outcome.COMPLETED, "")
 
     @property
     def handshake_s(self) -> float | None:
@@ -88,7 +97,7 @@ class AssociationRecord:
 _RECORD_FIELDS = tuple(
     f.name
     for f in dataclass_fields(AssociationRecord)
-    if f.name not in ("started", "tls_established")
+    if f.name not in ("started", "tls_established", "peer_certificate")
 )
 
 
@@ -233,7 +242,7 @@ class Audit:
         otherwise; refusals rate-limited per source address and reason), and every sink gets the
         record, never rate-limited: the audit trail must hold every refusal, metrics must count
         them all."""
-        completed = record.outcome in (Outcome.COMPLETED, "")
+        completed = record.completed
         logged = completed or self.limiter.allow((record.peer.rpartition(":")[0], record.reason))
         if not logged and not self.sinks:
             return  # a flood of refusals costs no formatting

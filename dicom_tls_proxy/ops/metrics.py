@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,16 +42,24 @@ from prometheus_client.registry import Collector
 
 from dicom_tls_proxy.config.schema import Config
 from dicom_tls_proxy.ops.audit import AssociationRecord
+from dicom_tls_proxy.ops.inventory import PeerExpiry, PeerInventory, state_path
 from dicom_tls_proxy.ops.metricsweb import Pages, page_of
+from dicom_tls_proxy.ops.status import (
+    OTHER_ROUTE,
+    StatusBoard,
+    StatusView,
+    document,
+    route_health,
+    route_label,
+)
 from dicom_tls_proxy.protocol.vocabulary import Outcome
-from dicom_tls_proxy.store.spool import Spool
+from dicom_tls_proxy.store.spool import route_usage
 
 if TYPE_CHECKING:
     from dicom_tls_proxy.ops.auditfile import AuditFile
     from dicom_tls_proxy.ops.syslogsink import SyslogSink
 
 PREFIX = "dicom_tls_proxy"
-OTHER_ROUTE = "_other"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it once, at import
 STATUS_INTERVAL = 1.0  # seconds between a worker's looks at what it reports to the supervisor
 
@@ -62,47 +70,14 @@ HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # -- what the metrics read of the running proxy ---------------------------------------------
 
 
-class _Generation(Protocol):
-    @property
-    def config(self) -> Config: ...
-
-
-class _RouteHealth(Protocol):
-    def as_json(self) -> dict[str, Any]: ...
-
-
-class _HealthChecks(Protocol):
-    @property
-    def results(self) -> Mapping[str, _RouteHealth]: ...
-
-
-class ProxyView(Protocol):
-    """The running proxy as the metrics see it (`proxy.Proxy` is one, structurally): read-only,
-    but for `on_active`, the hook a worker's multiprocess gauge is written through."""
-
-    @property
-    def worker(self) -> int | None:
-        """This process's worker number with `workers = N`, else None."""
-        ...
+class ProxyView(StatusView, Protocol):
+    """The running proxy as the metrics see it (`proxy.Proxy` is one, structurally): what the
+    status page reads, and `active`; read-only, but for `on_active`, the hook a worker's
+    multiprocess gauge is written through."""
 
     @property
     def active(self) -> int:
         """Associations being relayed now."""
-        ...
-
-    @property
-    def stopping(self) -> bool:
-        """Draining: /readyz says not ready."""
-        ...
-
-    @property
-    def gen(self) -> _Generation:
-        """The generation in force (its `config` follows a reload)."""
-        ...
-
-    @property
-    def health(self) -> _HealthChecks:
-        """The route health checks' last results."""
         ...
 
     on_active: Callable[[int], None] | None  # told each change of `active`
@@ -121,13 +96,16 @@ class Metrics(Pages):
         *,
         folder: Path | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(lambda: proxy.gen.config.metrics.allow_source)
         disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series: noise
         self.proxy = proxy
         self.trail = trail
         self.syslog = syslog
         self.folder = folder
         self.listening: list[str] | None = None  # bound addresses once every listener serves
+        inventory = PeerInventory(state_path(proxy.gen.config, proxy.worker, folder))
+        inventory.load()
+        self.board = StatusBoard(proxy, inventory)  # /status: fed here, as a sink of ours
         self.registry = CollectorRegistry()
         r = self.registry
         self.associations = Counter(
@@ -190,6 +168,7 @@ class Metrics(Pages):
             r.register(CertificateTimes(lambda: tls_times(proxy.gen.config)))
             r.register(_AuditCounters(trail, syslog))
             r.register(UpstreamHealth(lambda: route_health(proxy)))
+            r.register(PeerExpiry(PREFIX, inventory.as_json))
         else:
             # A multiprocess gauge is a file: it must be written when the number changes.
             proxy.on_active = self.active.set
@@ -200,15 +179,16 @@ class Metrics(Pages):
             self._audit_seen = [0] * len(AUDIT_COUNTERS)
             self._status_path = folder / f"worker-{proxy.worker or 0}.json"
             self._status_written = ""
+            self._board_path = folder / f"board-{proxy.worker or 0}.json"
+            self._board_written = ""
             self._changed = trio.Event()
 
     # -- the sink interface -----------------------------------------------------------------
 
     def association(self, record: AssociationRecord, fields: dict[str, Any]) -> None:
-        routes = {route.name for route in self.proxy.gen.config.routes}
-        route = record.route if record.route in routes else OTHER_ROUTE
+        route = route_label(self.proxy.gen.config, record.route)
         self.associations.labels(record.listener, route, record.outcome).inc()
-        if record.outcome != Outcome.COMPLETED:
+        if not record.completed:
             self.refusals.labels(record.reason).inc()
         if record.outcome == Outcome.TLS_FAILED:
             self.tls_failures.labels(record.reason).inc()
@@ -218,8 +198,10 @@ class Metrics(Pages):
         handshake = record.handshake_s
         if handshake is not None:
             self.handshake.observe(handshake)
+        self.board.association(record, fields)
 
     def event(self, fields: dict[str, Any]) -> None:
+        self.board.event(fields)
         counter = self.spool_events.get(fields.get("event", ""))
         if counter is not None:
             counter.labels(fields.get("route", OTHER_ROUTE)).inc()
@@ -227,6 +209,7 @@ class Metrics(Pages):
                 self.spool_forwarded_bytes.labels(fields.get("route")).inc(fields.get("bytes", 0))
 
     def close(self) -> None:
+        self.board.close()
         if self.folder is not None:  # the audit counters' last increments, the last status
             self.publish_now()
 
@@ -239,7 +222,18 @@ class Metrics(Pages):
         return self.listening is not None and not self.proxy.stopping
 
     def page(self, path: str) -> tuple[int, str, bytes]:
-        return page_of(path, self.registry, self._readyz)
+        return page_of(path, self.registry, self._readyz, lambda: document(self.board, self.ready))
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The pages, and the inventory's state file kept while they are served."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.board.inventory.keep)
+            task_status.started(await nursery.start(super().serve, listeners))
 
     def _readyz(self) -> tuple[bool, dict[str, Any]]:
         return self.ready, {
@@ -247,19 +241,22 @@ class Metrics(Pages):
             "config": str(self.proxy.gen.config.path),
             # Route health checks inform; they never make the proxy unready.
             "routes": route_health(self.proxy),
-            "spools": spool_usage(self.proxy.gen.config),
+            "spools": route_usage(self.proxy.gen.config),
         }
 
     # -- a worker's report to the supervisor ------------------------------------------------
 
     async def publish(self) -> None:
         """With `folder`: every second, and at once after `changed()`, add the audit writers'
-        new counts to the shared counters and rewrite the status file if it changed."""
-        while True:
-            self.publish_now()
-            with trio.move_on_after(STATUS_INTERVAL):
-                await self._changed.wait()
-            self._changed = trio.Event()
+        new counts to the shared counters and rewrite the status files if they changed; keep
+        the inventory's state file, which the supervisor reads too."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.board.inventory.keep)
+            while True:
+                self.publish_now()
+                with trio.move_on_after(STATUS_INTERVAL):
+                    await self._changed.wait()
+                self._changed = trio.Event()
 
     def changed(self) -> None:
         """Something the status shows changed (the listeners serve): publish it now."""
@@ -289,12 +286,20 @@ class Metrics(Pages):
             },
             sort_keys=True,
         )
-        if status == self._status_written:
-            return
-        temporary = self._status_path.with_suffix(".tmp")
-        temporary.write_text(status)
-        os.replace(temporary, self._status_path)  # the supervisor never reads half a file
-        self._status_written = status
+        if status != self._status_written:
+            _replace(self._status_path, status)
+            self._status_written = status
+        # What /status shows of this worker; its inventory is read from its state file.
+        board = json.dumps(self.board.snapshot(self.ready, inventory=False))
+        if board != self._board_written:
+            _replace(self._board_path, board)
+            self._board_written = board
+
+
+def _replace(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)  # the supervisor never reads half a file
 
 
 # Audit events counted per store-and-forward route: (event, metric name, help).
@@ -305,18 +310,8 @@ SPOOL_EVENTS = (
 )
 
 
-def spool_usage(config: Config) -> dict[str, dict[str, Any]]:
-    """Each store-and-forward route's spool as /readyz shows it: queued instances and bytes,
-    the oldest one's age, failed instances (read from the folder: shared by all workers)."""
-    return {
-        route.name: Spool(route.spool).usage().as_json()
-        for route in config.routes
-        if route.stores and route.spool is not None
-    }
-
-
 class SpoolGauges(Collector):
-    """The store-and-forward spools at scrape time (`spool_usage`, for the config `config`
+    """The store-and-forward spools at scrape time (`route_usage`, for the config `config`
     gives): what is queued, how old the oldest is, what failed."""
 
     def __init__(self, config: Callable[[], Config]) -> None:
@@ -345,7 +340,7 @@ class SpoolGauges(Collector):
                 labels=["route"],
             ),
         }
-        for name, usage in spool_usage(self.config()).items():
+        for name, usage in route_usage(self.config()).items():
             for key, gauge in gauges.items():
                 gauge.add_metric([name], float(usage[key] or 0))
         yield from gauges.values()
@@ -368,11 +363,6 @@ def tls_times(config: Config) -> dict[str, dict[str, Any]]:
             ]
         out[name] = times
     return out
-
-
-def route_health(proxy: ProxyView) -> dict[str, dict[str, Any]]:
-    """The last health check of each checked route, as /readyz shows it."""
-    return {name: health.as_json() for name, health in sorted(proxy.health.results.items())}
 
 
 class CertificateTimes(Collector):

@@ -1,12 +1,15 @@
-"""The tiny HTTP/1.1 server on trio behind `[metrics] bind`: /metrics, /healthz and /readyz.
+"""The tiny HTTP/1.1 server on trio behind `[metrics] bind`: /metrics, /healthz, /readyz, and the
+status page (/status for a person, /status.json for scripts).
 
-Why no framework: three read-only pages do not justify a web stack inside a security component, and
+Why no framework: a few read-only pages do not justify a web stack inside a security component, and
 the server must share the proxy's event loop and lifetime. It serves GET and HEAD, one request per
 connection (`Connection: close`), reads at most 8 KiB of request head within 5 s, serves at most 16
 clients at once (more wait in the kernel's backlog), and answers anything else with a 4xx; nothing
-a client sends can raise out of it. What the pages say is not decided here: `metrics.Metrics` (one
-process, or a worker) and `workersmetrics.WorkersMetrics` (the supervisor) give the registry and
-the readiness.
+a client sends can raise out of it. `[metrics] allow_source` is checked at accept: a client from
+another address is closed before a byte is read, with one (rate-limited) log line. What the
+pages say is not decided here: `metrics.Metrics` (one process, or a worker) and
+`workersmetrics.WorkersMetrics` (the supervisor) give the registry, the readiness and the status
+document; `statuspage` draws the page.
 
 What it must never do: let a request, a slow client or an accept error take the proxy down or make
 it wait (every error is one rate-limited log line); answer anything but GET and HEAD; read the
@@ -15,6 +18,7 @@ proxy's state itself (the subclass's `page` does).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -27,9 +31,13 @@ from dicom_tls_proxy.config.schema import Endpoint
 from dicom_tls_proxy.ops.audit import event
 from dicom_tls_proxy.ops.netaddr import format_address
 from dicom_tls_proxy.ops.ratelimit import RateLimiter
+from dicom_tls_proxy.ops.statuspage import CSP, render_page
+from dicom_tls_proxy.security.auth import IPNetwork, source_allowed
 from dicom_tls_proxy.transport.streams import STREAM_ERRORS, aclose_quietly, answer_and_close
 
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
+HTML = "text/html; charset=utf-8"
+PATHS = ["/metrics", "/healthz", "/readyz", "/status", "/status.json"]
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0  # seconds for the whole request head; a slow client is closed
 MAX_CLIENTS = 16
@@ -46,10 +54,14 @@ _REASONS = {
 
 
 class Pages:
-    """The HTTP server; a subclass says what each path answers (`page`, usually `page_of`)."""
+    """The HTTP server; a subclass says what each path answers (`page`, usually `page_of`).
+    `allow_source` gives the networks clients may come from (empty: any), read at each accept
+    so that it follows a reload."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow_source: Callable[[], tuple[IPNetwork, ...]] = tuple) -> None:
         self._errors = RateLimiter(burst=1, interval=60.0)
+        self.allow_source = allow_source
+        self._refused = RateLimiter(burst=1, interval=60.0)
 
     def page(self, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for a path."""
@@ -66,7 +78,7 @@ class Pages:
         slots = trio.Semaphore(MAX_CLIENTS)
         addresses = [format_address(sl.socket.getsockname()) for sl in listeners]
         for address in addresses:
-            event("metrics-listening", address=address, paths=["/metrics", "/healthz", "/readyz"])
+            event("metrics-listening", address=address, paths=PATHS)
         async with trio.open_nursery() as nursery:
             for sl in listeners:
                 nursery.start_soon(self._accept_loop, sl, slots, nursery)
@@ -85,7 +97,33 @@ class Pages:
                     self._error("accept", exc)
                     await trio.sleep(0.1)
                     continue
+                if not self._admitted(stream):
+                    slots.release()
+                    await trio.aclose_forcefully(stream)
+                    continue
                 nursery.start_soon(self._client, stream, slots)
+
+    def _admitted(self, stream: trio.SocketStream) -> bool:
+        """Whether the client's address is in `allow_source`; if not, one line per source and
+        minute says so."""
+        networks = self.allow_source()
+        if not networks:
+            return True
+        try:
+            peer = stream.socket.getpeername()
+            source = ipaddress.ip_address(str(peer[0]).split("%")[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if source_allowed(networks, source):
+            return True
+        if self._refused.allow(("metrics-refused", str(source))):
+            event(
+                "metrics-refused",
+                logging.WARNING,
+                source=str(source),
+                msg="not in metrics.allow_source: connection closed",
+            )
+        return False
 
     async def _client(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         try:
@@ -125,9 +163,13 @@ class Pages:
 
 
 def page_of(
-    path: str, registry: CollectorRegistry, readyz: Callable[[], tuple[bool, dict[str, Any]]]
+    path: str,
+    registry: CollectorRegistry,
+    readyz: Callable[[], tuple[bool, dict[str, Any]]],
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[int, str, bytes]:
-    """The three pages; `readyz` gives the readiness and the rest of its JSON body."""
+    """The pages; `readyz` gives the readiness and the rest of its JSON body, `status` the
+    status document (`status.document`)."""
     if path == "/metrics":
         return 200, TEXT_FORMAT, generate_latest(registry)
     if path == "/healthz":
@@ -140,6 +182,10 @@ def page_of(
             "application/json",
             (json.dumps(body) + "\n").encode(),
         )
+    if path == "/status.json" and status is not None:
+        return 200, "application/json", (json.dumps(status()) + "\n").encode()
+    if path == "/status" and status is not None:
+        return 200, HTML, render_page(status())
     return 404, "text/plain; charset=utf-8", b"not found\n"
 
 
@@ -171,7 +217,10 @@ def _response(
         f"Content-Length: {len(body)}",
         "Cache-Control: no-store",
         "Connection: close",
+        "X-Content-Type-Options: nosniff",
     ]
+    if content_type == HTML:  # the only inline script and style are the page's own
+        lines += [f"Content-Security-Policy: {CSP}", "Referrer-Policy: no-referrer"]
     if allow:
         lines.append(f"Allow: {allow}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")

@@ -437,6 +437,7 @@ def _description(der: bytes) -> tuple[tuple[str, str], ...]:
     return tuple(
         {
             "subject": subject_text(cert),
+            "cn": ", ".join(attribute_values(cert.subject, NameOID.COMMON_NAME)),
             "issuer": issuer_text(cert),
             "not_before": time_text(lambda: cert.not_valid_before_utc),
             "not_after": time_text(lambda: cert.not_valid_after_utc),

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from dicom_tls_proxy.config.schema import Config
 from dicom_tls_proxy.protocol.dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from dicom_tls_proxy.store import dicomfile
 
@@ -476,3 +477,14 @@ def _meta_from_file(path: Path, ident: str) -> Meta | None:
         size=facts.size,
         data_offset=facts.data_offset,
     )
+
+
+def route_usage(config: Config) -> dict[str, dict[str, Any]]:
+    """Each store-and-forward route's spool, as /readyz, the metrics and the status page show
+    it: queued instances and bytes, the oldest one's age, failed instances; read from the folders,
+    so it is the same in every worker and in the supervisor."""
+    return {
+        route.name: Spool(route.spool).usage().as_json()
+        for route in config.routes
+        if route.stores and route.spool is not None
+    }
