@@ -409,47 +409,55 @@ def test_readyz_and_metrics_show_the_spool(tmp_path: Path) -> None:
 
 
 def test_two_workers_share_one_spool_and_one_forwarder(tmp_path: Path) -> None:
-    """workers = 2: both accept into the same spool; one forwarder sends each instance once;
-    killing the worker that forwards hands the forwarding to the other."""
-    files = instances(tmp_path / "sent", 12)
+    """workers = 2: both accept into the same spool (rounds of four concurrent storescu until
+    each worker has stored some: the kernel picks the worker); one forwarder sends each instance
+    once; killing the worker that forwards hands the forwarding to the other."""
     spool = tmp_path / "spool"
     pacs = LegacyDevice("PACS")
+    sent = 0
     try:
         config = plaintext_config(sf_route(pacs.address, spool))
         config["proxy"]["workers"] = 2
         with running_proxy(tmp_path, config) as proxy:
             address = proxy.address("legacy-in")
-            batches = [files[i::4] for i in range(4)]
-            procs = [
-                subprocess.Popen(
-                    [
-                        dcmtk("storescu"),
-                        "-aet",
-                        "MODALITY",
-                        "-aec",
-                        "PACS",
-                        address[0],
-                        str(address[1]),
-                        *map(str, batch),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for batch in batches
-            ]
-            assert all(p.wait(TIMEOUT * 2) == 0 for p in procs)
-            wait_until(lambda: len(pacs.stored) == 12, what="twelve instances at the PACS")
-            wait_until(lambda: not spooled(spool), what="an empty spool")
-            forwarded = proxy.find(event="forwarded")
-            assert sum(x["count"] for x in forwarded) == 12
-            assert len({x.get("worker") for x in forwarded}) == 1
+            for round_ in range(10):
+                files = instances(tmp_path / f"sent{round_}", 8, first_seed=100 + 8 * round_)
+                command = [
+                    dcmtk("storescu"),
+                    "-aet",
+                    "MODALITY",
+                    "-aec",
+                    "PACS",
+                    *map(str, address),
+                ]
+                procs = [
+                    subprocess.Popen(
+                        [*command, *map(str, files[i::4])],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    for i in range(4)
+                ]
+                assert all(p.wait(TIMEOUT * 2) == 0 for p in procs)
+                sent += len(files)
+                if len({x.get("worker") for x in proxy.find(event="stored")}) == 2:
+                    break
             assert len({x.get("worker") for x in proxy.find(event="stored")}) == 2
+            wait_until(lambda: len(pacs.stored) == sent, what=f"{sent} instances at the PACS")
+            wait_until(lambda: not spooled(spool), what="an empty spool")
+            wait_until(  # a forwarding association logs once it is released
+                lambda: sum(x["count"] for x in proxy.find(event="forwarded")) >= sent,
+                what=f"forwarded lines for {sent} instances",
+            )
+            forwarded = proxy.find(event="forwarded")
+            assert sum(x["count"] for x in forwarded) == sent
+            assert len({x.get("worker") for x in forwarded}) == 1
             forwarder = forwarded[0]["worker"]
             pids = proxy.wait_for(event="workers-started")["pids"]
             os.kill(pids[forwarder], signal.SIGKILL)
-            storescu(address, instances(tmp_path / "more", 2, first_seed=500))
-            wait_until(lambda: len(pacs.stored) == 14, what="the two later instances")
-        assert len({ds.SOPInstanceUID for ds in pacs.stored}) == 14
+            storescu(address, instances(tmp_path / "more", 2, first_seed=5000))
+            wait_until(lambda: len(pacs.stored) == sent + 2, what="the two later instances")
+        assert len({ds.SOPInstanceUID for ds in pacs.stored}) == sent + 2
     finally:
         pacs.close()
 
