@@ -400,6 +400,12 @@ def test_readyz_and_metrics_show_the_spool(tmp_path: Path) -> None:
         text = urllib.request.urlopen(f"{base}/metrics", timeout=TIMEOUT).read().decode()
         assert 'dicom_tls_proxy_spool_queued_instances{route="PACS"} 3.0' in text
         assert 'dicom_tls_proxy_spool_stored_total{route="PACS"} 3.0' in text
+        status = json.loads(urllib.request.urlopen(f"{base}/status.json", timeout=TIMEOUT).read())
+        (route,) = status["routes"]
+        assert route["mode"] == "store-and-forward" and route["queue"]["queued"] == 3
+        assert status["spools"]["PACS"]["queued"] == 3
+        page = urllib.request.urlopen(f"{base}/status", timeout=TIMEOUT).read().decode()
+        assert "store-and-forward" in page
         with dcmtk_storescp(port, tmp_path / "pacs"):
             proxy.wait_for(event="forwarded", count=3)
             wait_until(lambda: not spooled(spool), what="an empty spool")
