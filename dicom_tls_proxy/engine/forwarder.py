@@ -295,6 +295,12 @@ class RouteForwarder:
                     status = (
                         f"no C-STORE-RSP within forward_timeout ({self.route.forward_timeout}s)"
                     )
+            except dicomfile.ConversionError as exc:  # raised before the C-STORE-RQ went out
+                await self._fail(
+                    meta, f"cannot be converted to {uid_name(step.transfer_syntax)}: {exc}"
+                )
+                done.failed += 1
+                continue
             except (pdu.PduError, *STREAM_ERRORS) as exc:
                 status = f"the upstream connection failed while sending: {exc}"
             except OSError as exc:  # reading the spool file
@@ -320,14 +326,18 @@ class RouteForwarder:
     async def _store(
         self, link: echo.Link, meta: Meta, step: forwarding.Send, message_id: int
     ) -> None:
+        """Send the C-STORE-RQ and its data set; a conversion is done (and may fail with
+        ConversionError) before anything is sent, so that the association stays usable."""
         max_pdu = link.accept.max_pdu_length
+        path = self.spool.path_of(meta)
+        converted = step.transfer_syntax != meta.transfer_syntax
+        if converted:
+            data = await trio.to_thread.run_sync(dicomfile.data_set_as, path, step.transfer_syntax)
         command = c_store_rq(message_id & 0xFFFF, meta.sop_class, meta.sop_instance)
         await link.stream.send_all(
             b"".join(fragments(step.context_id, command, max_pdu, command=True))
         )
-        path = self.spool.path_of(meta)
-        if step.transfer_syntax != meta.transfer_syntax:
-            data = await trio.to_thread.run_sync(dicomfile.data_set_as, path, step.transfer_syntax)
+        if converted:
             await link.stream.send_all(
                 b"".join(fragments(step.context_id, data, max_pdu, command=False))
             )
