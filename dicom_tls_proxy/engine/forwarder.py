@@ -145,7 +145,13 @@ class Forwarding:
         while True:
             with spool.forwarder_lock() as mine:
                 if mine:
-                    await RouteForwarder(self.proxy, route, spool, self._nap).run()
+                    try:
+                        await RouteForwarder(self.proxy, route, spool, self._nap).run()
+                    except Exception:  # a bug of the proxy's: the modalities are still served
+                        self.proxy.audit.exception(
+                            "internal error in a forwarder", route=route.name
+                        )
+                        await trio.sleep(route.retry_max_interval)
             await self._nap(route, LOCK_RETRY)
 
 
@@ -284,9 +290,9 @@ class RouteForwarder:
                 return
             step = forwarding.plan(link.accept, proposal, (meta.sop_class, meta.transfer_syntax))
             if isinstance(step, forwarding.Refuse):
-                await self._fail(meta, step.reason)
-                done.failed += 1
-                continue
+                if await self._fail(meta, step.reason, done):
+                    continue
+                return
             try:
                 with trio.move_on_after(self.route.forward_timeout) as scope:
                     await self._store(link, meta, step, number)
@@ -296,11 +302,10 @@ class RouteForwarder:
                         f"no C-STORE-RSP within forward_timeout ({self.route.forward_timeout}s)"
                     )
             except dicomfile.ConversionError as exc:  # raised before the C-STORE-RQ went out
-                await self._fail(
-                    meta, f"cannot be converted to {uid_name(step.transfer_syntax)}: {exc}"
-                )
-                done.failed += 1
-                continue
+                why = f"cannot be converted to {uid_name(step.transfer_syntax)}: {exc}"
+                if await self._fail(meta, why, done):
+                    continue
+                return
             except (pdu.PduError, *STREAM_ERRORS) as exc:
                 status = f"the upstream connection failed while sending: {exc}"
             except OSError as exc:  # reading the spool file
@@ -311,13 +316,20 @@ class RouteForwarder:
                 return
             disposition = store_disposition(status)
             if disposition == "delivered":
-                await trio.to_thread.run_sync(self.spool.delivered, meta)
+                try:
+                    await trio.to_thread.run_sync(self.spool.delivered, meta)
+                except OSError as exc:  # it is sent again later: at least once
+                    done.problem = (
+                        f"removing the delivered {self.spool.path_of(meta)} failed: {exc}"
+                    )
+                    return
                 done.sent += 1
                 done.bytes += meta.size
                 self._forwarded(meta, status)
             elif disposition == "failed":
-                await self._fail(meta, f"the upstream answered {describe_status(status)}")
-                done.failed += 1
+                why = f"the upstream answered {describe_status(status)}"
+                if not await self._fail(meta, why, done):
+                    return
             else:
                 done.problem = f"the upstream answered {describe_status(status)}"
                 await self._attempted(meta, done.problem)
@@ -377,8 +389,16 @@ class RouteForwarder:
     async def _attempted(self, meta: Meta, error: str) -> None:
         await trio.to_thread.run_sync(self.spool.attempted, meta, error)
 
-    async def _fail(self, meta: Meta, reason: str) -> None:
-        await trio.to_thread.run_sync(self.spool.fail, meta, reason)
+    async def _fail(self, meta: Meta, reason: str, done: Batch) -> bool:
+        """Move the instance to failed/ for `reason` (counted in `done.failed`); False when the
+        spool cannot (its disk full...): it stays queued, `done.problem` says why, and it is
+        sent, refused and moved again after the back-off."""
+        try:
+            await trio.to_thread.run_sync(self.spool.fail, meta, reason)
+        except OSError as exc:
+            done.problem = f"moving {self.spool.path_of(meta)} to failed/ failed: {exc}"
+            return False
+        done.failed += 1
         self.audit.event(
             "failed",
             logging.ERROR,
@@ -389,6 +409,7 @@ class RouteForwarder:
             reason=reason,
             msg=f"moved to {self.spool.failed_folder}; not retried (spool retry puts it back)",
         )
+        return True
 
     def _forwarded(self, meta: Meta, status: int) -> None:
         self.audit.event(
