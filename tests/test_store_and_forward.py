@@ -440,8 +440,12 @@ def test_two_workers_share_one_spool_and_one_forwarder(tmp_path: Path) -> None:
             assert all(p.wait(TIMEOUT * 2) == 0 for p in procs)
             wait_until(lambda: len(pacs.stored) == 12, what="twelve instances at the PACS")
             wait_until(lambda: not spooled(spool), what="an empty spool")
+            # The `forwarded` line comes once its association is released, after the removals.
+            wait_until(
+                lambda: sum(x["count"] for x in proxy.find(event="forwarded")) == 12,
+                what="forwarded lines for twelve instances",
+            )
             forwarded = proxy.find(event="forwarded")
-            assert sum(x["count"] for x in forwarded) == 12
             assert len({x.get("worker") for x in forwarded}) == 1
             # The kernel, not the proxy, picks the worker of each connection: send until both
             # stored (almost always at once; the forwarder sends these too).
