@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,7 @@ from tests.support import (
     free_port,
     make_dataset,
     running_proxy,
+    toml_dumps,
     wait_until,
 )
 from tests.test_store_and_forward import plaintext_config, pynetdicom_store, sf_route, spooled
@@ -102,3 +105,37 @@ def test_a_full_disk_when_an_instance_must_go_to_failed_is_retried_not_fatal(
         ]
         assert not [raw for raw in proxy.raw if "Traceback" in raw]
         assert sorted(p.name for p in spool.iterdir()) == [".forwarder.lock", "failed"]
+
+
+def test_a_reload_that_changes_spool_max_bytes_does_not_cut_a_batch(tmp_path: Path) -> None:
+    """SIGHUP in the middle of a forwarding association, with a new spool_max_bytes (and a new
+    retry_interval): the association goes on, every instance arrives once, none twice."""
+    instances = [make_dataset(64, 64, seed=40 + i) for i in range(6)]
+    port = free_port()
+    spool = tmp_path / "spool"
+    config = plaintext_config(sf_route(f"127.0.0.1:{port}", spool))
+    with running_proxy(tmp_path, config) as proxy:
+        assert pynetdicom_store(proxy.address("legacy-in"), instances) == [0x0000] * 6
+        proxy.wait_for(event="forward-failed")  # nothing listens yet: all six wait
+        pacs = LegacyDevice("PACS", port=port)
+
+        def slowly(data_set: Any) -> int:
+            time.sleep(0.3)
+            return 0x0000
+
+        pacs.store_status = slowly
+        try:
+            wait_until(lambda: pacs.stored, what="the first instance at the PACS")
+            route = config["route"][0]
+            route.update(spool_max_bytes=10_000_000, retry_interval=0.7)
+            config["proxy"]["log_format"] = "json"
+            proxy.config_path.write_text(toml_dumps(config))
+            proxy.proc.send_signal(signal.SIGHUP)
+            proxy.wait_for(event="reloaded")
+            wait_until(lambda: not spooled(spool), what="an empty spool")
+            forwarded = proxy.find(event="forwarded")
+        finally:
+            pacs.close()
+    uids = [ds.SOPInstanceUID for ds in pacs.stored]
+    assert sorted(uids) == sorted(ds.SOPInstanceUID for ds in instances)
+    assert [x["count"] for x in forwarded] == [6]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,9 +74,6 @@ class Owner(Protocol):
     def stopping(self) -> bool: ...
 
 
-Nap = Callable[[Route, float], Awaitable[None]]
-
-
 class Forwarding:
     """The store-and-forward routes of one proxy process: their spools (shared with the
     associations that fill them) and their forwarders."""
@@ -85,7 +82,9 @@ class Forwarding:
         self.proxy = proxy
         self._spools: dict[Path, Spool] = {}
         self._wake: dict[str, trio.Event] = {}
+        self._layout: tuple[tuple[str, Path | None], ...] = ()
         self._routes: tuple[Route, ...] = ()
+        self.reloaded = trio.Event()  # set when a reload changed a route: a back-off ends
         self._round = trio.CancelScope()
 
     def spool(self, route: Route) -> Spool:
@@ -114,9 +113,17 @@ class Forwarding:
         return problems
 
     def follow(self, config: Config) -> None:
-        """A reload: restart the forwarders if a store-and-forward route changed."""
-        if tuple(r for r in config.routes if r.stores) != self._routes:
+        """A reload: restart the forwarders if a store-and-forward route came, went or moved its
+        spool. Other changes (upstream, intervals, spool_max_bytes...) are taken by each
+        forwarder between two associations (`RouteForwarder.current`): cancelling one in the
+        middle would send its instance again."""
+        if _layout(config) != self._layout:
             self._round.cancel()
+        routes = tuple(r for r in config.routes if r.stores)
+        if routes != self._routes:
+            self._routes = routes
+            self.reloaded.set()
+            self.reloaded = trio.Event()
 
     def wake(self, name: str) -> None:
         """Something was stored for route `name`: its forwarder looks now."""
@@ -126,14 +133,16 @@ class Forwarding:
 
     async def run(self) -> None:
         while True:
-            self._routes = tuple(r for r in self.proxy.gen.config.routes if r.stores)
+            config = self.proxy.gen.config
+            self._layout = _layout(config)
+            self._routes = tuple(r for r in config.routes if r.stores)
             with trio.CancelScope() as self._round:
                 async with trio.open_nursery() as nursery:
-                    for route in self._routes:
+                    for route in (r for r in config.routes if r.stores):
                         nursery.start_soon(self._forward, route)
                     await trio.sleep_forever()
 
-    async def _nap(self, route: Route, seconds: float) -> None:
+    async def nap(self, route: Route, seconds: float) -> None:
         """Wait `seconds`, less if something is stored for the route meanwhile."""
         with trio.move_on_after(seconds):
             await self._wake[route.name].wait()
@@ -146,13 +155,17 @@ class Forwarding:
             with spool.forwarder_lock() as mine:
                 if mine:
                     try:
-                        await RouteForwarder(self.proxy, route, spool, self._nap).run()
+                        await RouteForwarder(self.proxy, route, spool, self).run()
                     except Exception:  # a bug of the proxy's: the modalities are still served
                         self.proxy.audit.exception(
                             "internal error in a forwarder", route=route.name
                         )
                         await trio.sleep(route.retry_max_interval)
-            await self._nap(route, LOCK_RETRY)
+            await self.nap(route, LOCK_RETRY)
+
+
+def _layout(config: Config) -> tuple[tuple[str, Path | None], ...]:
+    return tuple((r.name, r.spool) for r in config.routes if r.stores)
 
 
 @dataclass
@@ -174,12 +187,12 @@ class RouteForwarder:
         proxy: Owner,
         route: Route,
         spool: Spool,
-        nap: Nap,
+        forwarding: Forwarding,
     ) -> None:
         self.proxy = proxy
         self.route = route
         self.spool = spool
-        self.nap = nap
+        self.forwarding = forwarding
         self.audit = proxy.audit
 
     async def run(self) -> None:
@@ -194,9 +207,10 @@ class RouteForwarder:
             )
         delay = route.retry_interval
         while not self.proxy.stopping:
+            route = self.route = self.current()
             queued = await trio.to_thread.run_sync(spool.queued, SCAN)
             if not queued:
-                await self.nap(route, POLL)
+                await self.forwarding.nap(route, POLL)
                 continue
             result = await self._batch(self._choose(queued))
             if not result.problem:
@@ -212,8 +226,16 @@ class RouteForwarder:
                 queued=len(queued) - result.sent - result.failed,
                 next_attempt_in=delay,
             )
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):  # or until a reload changed a route
+                await self.forwarding.reloaded.wait()
             delay = min(delay * 2, route.retry_max_interval)
+
+    def current(self) -> Route:
+        """The route as the generation in force says (a reload may have changed it)."""
+        for route in self.proxy.gen.config.routes:
+            if route.stores and (route.name, route.spool) == (self.route.name, self.route.spool):
+                return route
+        return self.route  # gone: `Forwarding.follow` cancels this forwarder
 
     def _called_ae(self, meta: Meta) -> str:
         route = self.route
