@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,9 +74,6 @@ class Owner(Protocol):
     def stopping(self) -> bool: ...
 
 
-Nap = Callable[[Route, float], Awaitable[None]]
-
-
 class Forwarding:
     """The store-and-forward routes of one proxy process: their spools (shared with the
     associations that fill them) and their forwarders."""
@@ -85,7 +82,9 @@ class Forwarding:
         self.proxy = proxy
         self._spools: dict[Path, Spool] = {}
         self._wake: dict[str, trio.Event] = {}
+        self._layout: tuple[tuple[str, Path | None], ...] = ()
         self._routes: tuple[Route, ...] = ()
+        self.reloaded = trio.Event()  # set when a reload changed a route: a back-off ends
         self._round = trio.CancelScope()
 
     def spool(self, route: Route) -> Spool:
@@ -114,9 +113,17 @@ class Forwarding:
         return problems
 
     def follow(self, config: Config) -> None:
-        """A reload: restart the forwarders if a store-and-forward route changed."""
-        if tuple(r for r in config.routes if r.stores) != self._routes:
+        """A reload: restart the forwarders if a store-and-forward route came, went or moved its
+        spool. Other changes (upstream, intervals, spool_max_bytes...) are taken by each
+        forwarder between two associations (`RouteForwarder.current`): cancelling one in the
+        middle would send its instance again."""
+        if _layout(config) != self._layout:
             self._round.cancel()
+        routes = tuple(r for r in config.routes if r.stores)
+        if routes != self._routes:
+            self._routes = routes
+            self.reloaded.set()
+            self.reloaded = trio.Event()
 
     def wake(self, name: str) -> None:
         """Something was stored for route `name`: its forwarder looks now."""
@@ -126,14 +133,16 @@ class Forwarding:
 
     async def run(self) -> None:
         while True:
-            self._routes = tuple(r for r in self.proxy.gen.config.routes if r.stores)
+            config = self.proxy.gen.config
+            self._layout = _layout(config)
+            self._routes = tuple(r for r in config.routes if r.stores)
             with trio.CancelScope() as self._round:
                 async with trio.open_nursery() as nursery:
-                    for route in self._routes:
+                    for route in (r for r in config.routes if r.stores):
                         nursery.start_soon(self._forward, route)
                     await trio.sleep_forever()
 
-    async def _nap(self, route: Route, seconds: float) -> None:
+    async def nap(self, route: Route, seconds: float) -> None:
         """Wait `seconds`, less if something is stored for the route meanwhile."""
         with trio.move_on_after(seconds):
             await self._wake[route.name].wait()
@@ -150,10 +159,15 @@ class Forwarding:
             try:
                 with spool.forwarder_lock() as mine:
                     if mine:
-                        await RouteForwarder(self.proxy, route, spool, self._nap).run()
-            except Exception:
-                self.proxy.audit.exception("forwarder failed", route=route.name)
-            await self._nap(route, LOCK_RETRY)
+                        await RouteForwarder(self.proxy, route, spool, self).run()
+            except Exception:  # a bug of the proxy's: the modalities are still served
+                self.proxy.audit.exception("internal error in a forwarder", route=route.name)
+                await trio.sleep(route.retry_max_interval)
+            await self.nap(route, LOCK_RETRY)
+
+
+def _layout(config: Config) -> tuple[tuple[str, Path | None], ...]:
+    return tuple((r.name, r.spool) for r in config.routes if r.stores)
 
 
 @dataclass
@@ -175,12 +189,12 @@ class RouteForwarder:
         proxy: Owner,
         route: Route,
         spool: Spool,
-        nap: Nap,
+        forwarding: Forwarding,
     ) -> None:
         self.proxy = proxy
         self.route = route
         self.spool = spool
-        self.nap = nap
+        self.forwarding = forwarding
         self.audit = proxy.audit
 
     async def run(self) -> None:
@@ -195,9 +209,10 @@ class RouteForwarder:
             )
         delay = route.retry_interval
         while not self.proxy.stopping:
+            route = self.route = self.current()
             queued = await trio.to_thread.run_sync(spool.queued, SCAN)
             if not queued:
-                await self.nap(route, POLL)
+                await self.forwarding.nap(route, POLL)
                 continue
             result = await self._batch(self._choose(queued))
             if not result.problem:
@@ -213,8 +228,16 @@ class RouteForwarder:
                 queued=len(queued) - result.sent - result.failed,
                 next_attempt_in=delay,
             )
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):  # or until a reload changed a route
+                await self.forwarding.reloaded.wait()
             delay = min(delay * 2, route.retry_max_interval)
+
+    def current(self) -> Route:
+        """The route as the generation in force says (a reload may have changed it)."""
+        for route in self.proxy.gen.config.routes:
+            if route.stores and (route.name, route.spool) == (self.route.name, self.route.spool):
+                return route
+        return self.route  # gone: `Forwarding.follow` cancels this forwarder
 
     def _called_ae(self, meta: Meta) -> str:
         route = self.route
@@ -291,9 +314,9 @@ class RouteForwarder:
                 return
             step = forwarding.plan(link.accept, proposal, (meta.sop_class, meta.transfer_syntax))
             if isinstance(step, forwarding.Refuse):
-                await self._fail(meta, step.reason)
-                done.failed += 1
-                continue
+                if await self._fail(meta, step.reason, done):
+                    continue
+                return
             try:
                 with trio.move_on_after(self.route.forward_timeout) as scope:
                     await self._store(link, meta, step, number)
@@ -302,6 +325,11 @@ class RouteForwarder:
                     status = (
                         f"no C-STORE-RSP within forward_timeout ({self.route.forward_timeout}s)"
                     )
+            except dicomfile.ConversionError as exc:  # raised before the C-STORE-RQ went out
+                why = f"cannot be converted to {uid_name(step.transfer_syntax)}: {exc}"
+                if await self._fail(meta, why, done):
+                    continue
+                return
             except (pdu.PduError, *STREAM_ERRORS) as exc:
                 status = f"the upstream connection failed while sending: {exc}"
             except OSError as exc:  # reading the spool file
@@ -312,13 +340,20 @@ class RouteForwarder:
                 return
             disposition = store_disposition(status)
             if disposition == "delivered":
-                await trio.to_thread.run_sync(self.spool.delivered, meta)
+                try:
+                    await trio.to_thread.run_sync(self.spool.delivered, meta)
+                except OSError as exc:  # it is sent again later: at least once
+                    done.problem = (
+                        f"removing the delivered {self.spool.path_of(meta)} failed: {exc}"
+                    )
+                    return
                 done.sent += 1
                 done.bytes += meta.size
                 self._forwarded(meta, status)
             elif disposition == "failed":
-                await self._fail(meta, f"the upstream answered {describe_status(status)}")
-                done.failed += 1
+                why = f"the upstream answered {describe_status(status)}"
+                if not await self._fail(meta, why, done):
+                    return
             else:
                 done.problem = f"the upstream answered {describe_status(status)}"
                 await self._attempted(meta, done.problem)
@@ -327,14 +362,18 @@ class RouteForwarder:
     async def _store(
         self, link: echo.Link, meta: Meta, step: forwarding.Send, message_id: int
     ) -> None:
+        """Send the C-STORE-RQ and its data set; a conversion is done (and may fail with
+        ConversionError) before anything is sent, so that the association stays usable."""
         max_pdu = link.accept.max_pdu_length
+        path = self.spool.path_of(meta)
+        converted = step.transfer_syntax != meta.transfer_syntax
+        if converted:
+            data = await trio.to_thread.run_sync(dicomfile.data_set_as, path, step.transfer_syntax)
         command = c_store_rq(message_id & 0xFFFF, meta.sop_class, meta.sop_instance)
         await link.stream.send_all(
             b"".join(fragments(step.context_id, command, max_pdu, command=True))
         )
-        path = self.spool.path_of(meta)
-        if step.transfer_syntax != meta.transfer_syntax:
-            data = await trio.to_thread.run_sync(dicomfile.data_set_as, path, step.transfer_syntax)
+        if converted:
             await link.stream.send_all(
                 b"".join(fragments(step.context_id, data, max_pdu, command=False))
             )
@@ -374,8 +413,16 @@ class RouteForwarder:
     async def _attempted(self, meta: Meta, error: str) -> None:
         await trio.to_thread.run_sync(self.spool.attempted, meta, error)
 
-    async def _fail(self, meta: Meta, reason: str) -> None:
-        await trio.to_thread.run_sync(self.spool.fail, meta, reason)
+    async def _fail(self, meta: Meta, reason: str, done: Batch) -> bool:
+        """Move the instance to failed/ for `reason` (counted in `done.failed`); False when the
+        spool cannot (its disk full...): it stays queued, `done.problem` says why, and it is
+        sent, refused and moved again after the back-off."""
+        try:
+            await trio.to_thread.run_sync(self.spool.fail, meta, reason)
+        except OSError as exc:
+            done.problem = f"moving {self.spool.path_of(meta)} to failed/ failed: {exc}"
+            return False
+        done.failed += 1
         self.audit.event(
             "failed",
             logging.ERROR,
@@ -386,6 +433,7 @@ class RouteForwarder:
             reason=reason,
             msg=f"moved to {self.spool.failed_folder}; not retried (spool retry puts it back)",
         )
+        return True
 
     def _forwarded(self, meta: Meta, status: int) -> None:
         self.audit.event(

@@ -12,10 +12,13 @@ data set it only checks.
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dicom_tls_proxy.protocol import dataset
 from dicom_tls_proxy.protocol.uids import EXPLICIT_VR_BE, IMPLICIT_VR_LE
@@ -28,6 +31,12 @@ def load_pydicom() -> None:
     """Import what the functions below use, ahead of the first instance."""
     import pydicom.filereader
     import pydicom.filewriter  # noqa: F401
+
+
+class ConversionError(Exception):
+    """pydicom could not rewrite a data set in another transfer syntax; the message says why. A
+    data set the proxy acknowledged (its structure walked strictly) can still hold a value pydicom
+    cannot encode, such as a US element of 3 bytes."""
 
 
 @dataclass(frozen=True)
@@ -110,14 +119,51 @@ def read_meta(path: Path) -> FileFacts | None:
 def data_set_as(path: Path, transfer_syntax: str) -> bytes:
     """The file's data set encoded in the uncompressed `transfer_syntax` (implicit or explicit
     VR little endian, explicit big endian); the caller checked that its own syntax is
-    uncompressed too. Pixel data are rewritten value by value, never decompressed."""
+    uncompressed too. Pixel data are rewritten value by value, never decompressed. pydicom
+    re-encodes the numbers it parses (US, FL...) in the new byte order but writes OW, OF, OL,
+    OD and OV values as the bytes it read: when the byte order changes they are swapped here,
+    word by word, or a big endian image would arrive with its pixel values scrambled.
+    OSError when the file cannot be read; ConversionError for anything pydicom refuses."""
     import pydicom
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
-    data_set = pydicom.dcmread(path)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = transfer_syntax != EXPLICIT_VR_BE
-    buffer.is_implicit_VR = transfer_syntax == IMPLICIT_VR_LE
-    write_dataset(buffer, data_set)
+    with path.open("rb") as handle:
+        try:
+            data_set = pydicom.dcmread(handle)
+            little = transfer_syntax != EXPLICIT_VR_BE
+            if little != (data_set.file_meta.TransferSyntaxUID != EXPLICIT_VR_BE):
+                data_set.walk(_swap_words)
+            buffer = DicomBytesIO()
+            buffer.is_little_endian = little
+            buffer.is_implicit_VR = transfer_syntax == IMPLICIT_VR_LE
+            write_dataset(buffer, data_set)
+        except Exception as exc:  # whatever pydicom raises on a value it cannot encode
+            raise ConversionError(_conversion_problem(exc)) from None
     return bytes(buffer.getvalue())
+
+
+def _conversion_problem(exc: Exception) -> str:
+    """What pydicom refused, without its message: that quotes the value (PHI, perhaps) and a
+    whole traceback. Its first element tag, if it names one, says where."""
+    where = _TAG.search(str(exc))
+    at = f" at element ({where[1].upper()},{where[2].upper()})" if where else ""
+    return f"pydicom refused it ({type(exc).__name__}{at})"
+
+
+_TAG = re.compile(r"\(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)")
+_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}  # bytes per word
+_TYPECODE = {array.array(code).itemsize: code for code in "HIQ"}  # unsigned, by width
+
+
+def _swap_words(_: Any, element: Any) -> None:
+    """`Dataset.walk` callback: swap the byte order of an OW/OF/OL/OD/OV value in place."""
+    width = _WIDTH.get(element.VR)
+    if width is None or not isinstance(element.value, bytes | bytearray) or not element.value:
+        return
+    words = array.array(_TYPECODE[width])
+    if len(element.value) % words.itemsize:
+        return  # not whole words: nothing sensible to swap; the upstream judges it
+    words.frombytes(element.value)
+    words.byteswap()
+    element.value = words.tobytes()

@@ -118,16 +118,22 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any], *, durable: bool) -> None:
-    """Write `path` whole or not at all (temporary name, rename)."""
+    """Write `path` whole or not at all (temporary name, rename; the temporary file removed if
+    that fails)."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            os.write(fd, json.dumps(data, sort_keys=True).encode())
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
