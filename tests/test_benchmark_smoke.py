@@ -88,3 +88,38 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
     assert "targets (proxy):" in done.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert result.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.dcmtk
+def test_store_and_forward_benchmark_runs_on_a_tiny_study(tmp_path: Path) -> None:
+    """benchmarks/store_and_forward.py (issue 14) on 20 instances of 16 KiB: every setup
+    measured, every instance delivered (the script checks it), the table printed."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "store_and_forward.py"),
+            "--instances",
+            "20",
+            "--size-kb",
+            "16",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| relay |" in done.stdout
+    assert "| s&f, PACS down: drain alone |" in done.stdout
+    [result] = tmp_path.glob("sf-*.json")
+    data = json.loads(result.read_text())
+    assert [r["setup"] for r in data["runs"]] == ["direct", "relay", "sf-up", "sf-down"]
+    assert [r for r in data["runs"] if r["error"]] == []
+    assert all(r["checks"]["pacs_received"] == 20 for r in data["runs"])
+    assert set(data["ratios_vs_relay"]) >= {
+        "s&f, PACS up: end to end",
+        "s&f, PACS down: ingest alone",
+    }
+    assert data["machine"]["cpu"]
