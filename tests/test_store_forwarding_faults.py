@@ -133,6 +133,7 @@ def test_a_reload_that_changes_spool_max_bytes_does_not_cut_a_batch(tmp_path: Pa
             proxy.proc.send_signal(signal.SIGHUP)
             proxy.wait_for(event="reloaded")
             wait_until(lambda: not spooled(spool), what="an empty spool")
+            proxy.wait_for(event="forwarded")  # logged once the association is released
             forwarded = proxy.find(event="forwarded")
         finally:
             pacs.close()
