@@ -50,6 +50,7 @@ LOCK_RETRY = 2.0  # seconds between two tries for a spool's forwarder lock anoth
 POLL = 1.0  # seconds between two looks at an empty queue (other workers may have stored)
 SCAN = 1000  # queued instances read per look
 CHUNK = 4 << 20  # bytes of a data set read from the file at a time
+LINGER = 1.0  # seconds a forwarding association waits for more instances before its release
 
 
 class _Generation(Protocol):
@@ -179,6 +180,11 @@ class Batch:
     failed: int = 0
     problem: str = ""  # a transient failure ended it: retry later
     advice: str = ""
+    messages: int = 0  # C-STORE-RQs sent: the next one's Message ID is this + 1
+
+    @property
+    def handled(self) -> int:
+        return self.sent + self.failed
 
 
 class RouteForwarder:
@@ -284,6 +290,11 @@ class RouteForwarder:
                 await self._attempted(chosen[0], result.cause)
                 return Batch(problem=result.cause, advice=result.advice)
             await self._send(link, proposal, chosen, done)
+            while not done.problem and done.handled < route.forward_batch:
+                more = await self._more(proposal, chosen[0], route.forward_batch - done.handled)
+                if not more:
+                    break
+                await self._send(link, proposal, more, done)
             if done.problem:
                 await abort_quietly(link.stream)
             else:
@@ -308,10 +319,11 @@ class RouteForwarder:
         self, link: echo.Link, proposal: forwarding.Proposal, chosen: list[Meta], done: Batch
     ) -> None:
         reader = MessageReader(proposal.ids.values())
-        rest = link.rest
-        for number, meta in enumerate(chosen, start=1):
+        for meta in chosen:
             if self.proxy.stopping:
                 return
+            done.messages += 1
+            number = done.messages
             step = forwarding.plan(link.accept, proposal, (meta.sop_class, meta.transfer_syntax))
             if isinstance(step, forwarding.Refuse):
                 if await self._fail(meta, step.reason, done):
@@ -320,7 +332,7 @@ class RouteForwarder:
             try:
                 with trio.move_on_after(self.route.forward_timeout) as scope:
                     await self._store(link, meta, step, number)
-                    status, rest = await self._response(link, reader, number, rest)
+                    status, link.rest = await self._response(link, reader, number, link.rest)
                 if scope.cancelled_caught:
                     status = (
                         f"no C-STORE-RSP within forward_timeout ({self.route.forward_timeout}s)"
@@ -358,6 +370,27 @@ class RouteForwarder:
                 done.problem = f"the upstream answered {describe_status(status)}"
                 await self._attempted(meta, done.problem)
                 return
+
+    async def _more(self, proposal: forwarding.Proposal, first: Meta, limit: int) -> list[Meta]:
+        """What else this association can carry, waiting up to LINGER for it: the oldest queued
+        instances, as long as they share its Calling and Called AE and their kind was proposed.
+        Oldest first holds: once the oldest queued instance does not fit, the association ends
+        and the next one is opened for it. A modality sending a study while the upstream is up
+        is so forwarded in a few associations, not one per instance."""
+        key = (first.calling_ae, self._called_ae(first))
+        with trio.move_on_after(LINGER):
+            while not self.proxy.stopping:
+                queued = await trio.to_thread.run_sync(self.spool.queued, limit)
+                fit = []
+                for meta in queued:
+                    kind = (meta.sop_class, meta.transfer_syntax)
+                    if (meta.calling_ae, self._called_ae(meta)) != key or kind not in proposal.ids:
+                        break
+                    fit.append(meta)
+                if fit or queued:
+                    return fit
+                await self.forwarding.nap(self.route, LINGER)
+        return []
 
     async def _store(
         self, link: echo.Link, meta: Meta, step: forwarding.Send, message_id: int

@@ -34,106 +34,27 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from dicom_tls_proxy.config.schema import Config
-from dicom_tls_proxy.protocol.dimse import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from dicom_tls_proxy.protocol.dimse import OUT_OF_RESOURCES
 from dicom_tls_proxy.store import dicomfile
+from dicom_tls_proxy.store.incoming import Incoming
+from dicom_tls_proxy.store.records import (
+    Meta,
+    Refused,
+    SpoolError,
+    Usage,
+    fsync_folder,
+    write_json,
+)
+
+__all__ = ["Incoming", "Meta", "Refused", "Spool", "SpoolError", "Usage", "route_usage"]
 
 FAILED = "failed"
 LOCK = ".forwarder.lock"
-FLUSH_AT = 4 << 20  # bytes of a data set held in memory before they are written out
 USAGE_TTL = 1.0  # seconds a scan of the spool's size is trusted (other workers add to it)
 ORPHAN_AGE = 24 * 3600.0  # a temporary file this old is removed even if its pid is alive again
-
-
-class Refused(Exception):
-    """The instance cannot be stored; `status` is the C-STORE-RSP status to answer (0xA700 out of
-    resources, 0xC000 cannot understand), the message says why."""
-
-    def __init__(self, status: int, why: str) -> None:
-        super().__init__(why)
-        self.status = status
-
-
-class SpoolError(Exception):
-    """The spool folder cannot be used (created, written); the message says why."""
-
-
-@dataclass(frozen=True)
-class Meta:
-    """What the JSON beside an instance says."""
-
-    id: str
-    calling_ae: str
-    called_ae: str
-    sop_class: str
-    sop_instance: str
-    transfer_syntax: str
-    received: str  # ISO 8601 UTC
-    size: int  # bytes of the data set
-    data_offset: int  # where the data set starts in the .dcm file
-    attempts: int = 0
-    last_error: str = ""
-    failed_reason: str = ""
-    failed_at: str = ""
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Meta:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass(frozen=True)
-class Usage:
-    """A spool's contents, as `spool` and the metrics show them."""
-
-    queued: int = 0
-    queued_bytes: int = 0
-    oldest: float | None = None  # POSIX time the oldest queued instance was received
-    failed: int = 0
-    failed_bytes: int = 0
-
-    @property
-    def bytes(self) -> int:
-        return self.queued_bytes + self.failed_bytes
-
-    def as_json(self, now: float | None = None) -> dict[str, Any]:
-        age = None if self.oldest is None else max(0.0, (now or time.time()) - self.oldest)
-        return {
-            "queued": self.queued,
-            "queued_bytes": self.queued_bytes,
-            "oldest_age_s": None if age is None else round(age, 1),
-            "failed": self.failed,
-            "failed_bytes": self.failed_bytes,
-        }
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict[str, Any], *, durable: bool) -> None:
-    """Write `path` whole or not at all (temporary name, rename; the temporary file removed if
-    that fails)."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            os.write(fd, json.dumps(data, sort_keys=True).encode())
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -185,7 +106,7 @@ class Spool:
         transfer_syntax: str,
     ) -> Incoming:
         """An instance about to arrive; Refused (0xA700) if the spool is full already."""
-        self._check_room(0)
+        self.check_room(0)
         self._sequence += 1
         now = time.time()
         ident = f"{time.time_ns():019d}-{os.getpid()}-{self._sequence:06d}"
@@ -208,7 +129,7 @@ class Spool:
             self._used, self._used_at = self.usage().bytes, time.monotonic()
         return self._used
 
-    def _check_room(self, more: int) -> None:
+    def check_room(self, more: int) -> None:
         if self.max_bytes and self.used() + more > self.max_bytes:
             raise Refused(
                 OUT_OF_RESOURCES,
@@ -216,7 +137,7 @@ class Spool:
                 f"are spooled in {self.folder}",
             )
 
-    def _added(self, size: int) -> None:
+    def added(self, size: int) -> None:
         self._used += size
 
     # -- forwarding -------------------------------------------------------------------------
@@ -258,14 +179,14 @@ class Spool:
         for suffix in (".dcm", ".json"):
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / f"{meta.id}{suffix}").unlink()
-        _fsync_folder(self.folder)
+        fsync_folder(self.folder)
         self._used -= meta.size
 
     def attempted(self, meta: Meta, error: str) -> Meta:
         """Count a failed attempt in the instance's JSON (best effort: not fsynced)."""
         updated = replace(meta, attempts=meta.attempts + 1, last_error=error)
         with contextlib.suppress(OSError):
-            _write_json(self.folder / f"{meta.id}.json", asdict(updated), durable=False)
+            write_json(self.folder / f"{meta.id}.json", asdict(updated), durable=False)
         return updated
 
     def fail(self, meta: Meta, reason: str) -> Meta:
@@ -273,12 +194,12 @@ class Spool:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         updated = replace(meta, attempts=meta.attempts + 1, failed_reason=reason, failed_at=now)
         target = self.failed_folder
-        _write_json(target / f"{meta.id}.json", asdict(updated), durable=True)
+        write_json(target / f"{meta.id}.json", asdict(updated), durable=True)
         os.replace(self.folder / f"{meta.id}.dcm", target / f"{meta.id}.dcm")
         with contextlib.suppress(FileNotFoundError):
             (self.folder / f"{meta.id}.json").unlink()
-        _fsync_folder(target)
-        _fsync_folder(self.folder)
+        fsync_folder(target)
+        fsync_folder(self.folder)
         return updated
 
     def retry_failed(self) -> int:
@@ -286,14 +207,14 @@ class Spool:
         moved = 0
         for meta in self.failed():
             fresh = replace(meta, attempts=0, last_error="", failed_reason="", failed_at="")
-            _write_json(self.folder / f"{meta.id}.json", asdict(fresh), durable=True)
+            write_json(self.folder / f"{meta.id}.json", asdict(fresh), durable=True)
             os.replace(self.failed_folder / f"{meta.id}.dcm", self.folder / f"{meta.id}.dcm")
             with contextlib.suppress(FileNotFoundError):
                 (self.failed_folder / f"{meta.id}.json").unlink()
             moved += 1
         if moved:
-            _fsync_folder(self.folder)
-            _fsync_folder(self.failed_folder)
+            fsync_folder(self.folder)
+            fsync_folder(self.failed_folder)
         return moved
 
     def remove_orphans(self) -> list[str]:
@@ -364,105 +285,6 @@ class Spool:
             yield True
         finally:
             os.close(fd)
-
-
-class Incoming:
-    """One instance being received: its data set is held in memory up to FLUSH_AT bytes, then
-    written to the temporary file; `finish` makes it durable. Every method blocks (file I/O):
-    the caller runs `flush`, `finish` and `discard` in a thread."""
-
-    def __init__(self, spool: Spool, meta: Meta) -> None:
-        self.spool = spool
-        self.meta = meta
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.size = 0  # data set bytes received so far
-        self.path = spool.folder / f"{meta.id}.{os.getpid()}.tmp"
-        self._file: IO[bytes] | None = None
-
-    def add(self, data: bytes | memoryview) -> bool:
-        """Take a piece of the data set; True when enough is held to `flush` it. Refused when
-        the spool would pass spool_max_bytes."""
-        self.size += len(data)
-        self.spool._check_room(self.size)
-        self.pending.append(bytes(data))
-        self.pending_bytes += len(data)
-        return self.pending_bytes >= FLUSH_AT
-
-    def flush(self) -> None:
-        """Write what is held; Refused (0xA700) when the write fails (disk full...)."""
-        try:
-            if self._file is None:
-                self._file = self._open()
-            self._file.writelines(self.pending)
-        except OSError as exc:
-            raise Refused(OUT_OF_RESOURCES, f"writing {self.path} failed: {exc}") from None
-        self.pending.clear()
-        self.pending_bytes = 0
-
-    def _open(self) -> IO[bytes]:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        handle = os.fdopen(fd, "wb")
-        meta, spool = self.meta, self.spool
-        header = dicomfile.header(
-            sop_class=meta.sop_class,
-            sop_instance=meta.sop_instance,
-            transfer_syntax=meta.transfer_syntax,
-            calling_ae=meta.calling_ae,
-            implementation_class_uid=spool.implementation_class_uid,
-            implementation_version_name=spool.implementation_version_name,
-        )
-        handle.write(header)
-        self.meta = replace(self.meta, data_offset=len(header))
-        return handle
-
-    def finish(self) -> Meta:
-        """Write the rest, fsync, check that the data set parses as its transfer syntax, write
-        the JSON, rename, fsync the folder: durable. Refused (0xA700 or 0xC000) otherwise, and
-        nothing is left behind."""
-        try:
-            self.flush()
-            assert self._file is not None
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-        except OSError as exc:
-            self.discard()
-            raise Refused(OUT_OF_RESOURCES, f"writing {self.path} failed: {exc}") from None
-        except Refused:
-            self.discard()
-            raise
-        meta = self.meta
-        problem = dicomfile.data_set_problem(self.path, meta.data_offset, meta.transfer_syntax)
-        if problem:
-            self.discard()
-            raise Refused(CANNOT_UNDERSTAND, problem)
-        meta = replace(meta, size=self.size)
-        final = self.spool.folder / f"{meta.id}"
-        try:
-            _write_json(final.with_suffix(".json"), asdict(meta), durable=True)
-            os.replace(self.path, final.with_suffix(".dcm"))
-            _fsync_folder(self.spool.folder)
-        except OSError as exc:
-            self.discard()
-            with contextlib.suppress(OSError):
-                final.with_suffix(".json").unlink()
-            with contextlib.suppress(OSError):
-                final.with_suffix(".dcm").unlink()
-            raise Refused(OUT_OF_RESOURCES, f"storing {final}.dcm failed: {exc}") from None
-        self.spool._added(self.size + meta.data_offset)
-        return meta
-
-    def discard(self) -> None:
-        """Drop the instance: nothing of it stays on disk."""
-        self.pending.clear()
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
 
 
 def _meta_from_file(path: Path, ident: str) -> Meta | None:
