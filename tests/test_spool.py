@@ -122,6 +122,7 @@ def test_a_lost_json_is_rebuilt_from_the_file_meta(tmp_path: Path) -> None:
         meta.size,
     )
     assert rebuilt.data_offset == meta.data_offset
+    assert rebuilt.called_ae == "PACS"  # the file meta's Receiving AE Title
 
 
 def test_the_forwarder_lock_is_held_by_one(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ class FileFacts:
     sop_instance: str
     transfer_syntax: str
     calling_ae: str
+    called_ae: str
     data_offset: int
     size: int
 
@@ -55,11 +56,14 @@ def header(
     sop_instance: str,
     transfer_syntax: str,
     calling_ae: str,
+    called_ae: str,
     implementation_class_uid: str,
     implementation_version_name: str,
 ) -> bytes:
-    """The preamble, "DICM" and the file meta information group (PS3.10 7.1) of an instance;
-    the sender's AE title is its Source Application Entity Title."""
+    """The preamble, "DICM" and the file meta information group (PS3.10 7.1) of an instance:
+    the sender's AE title is its Source (and Sending) Application Entity Title, the title it
+    called its Receiving Application Entity Title, so that the file alone says what forwarding
+    needs."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
@@ -74,6 +78,9 @@ def header(
         file_meta.ImplementationVersionName = implementation_version_name
     if calling_ae:
         file_meta.SourceApplicationEntityTitle = calling_ae
+        file_meta.SendingApplicationEntityTitle = calling_ae
+    if called_ae:
+        file_meta.ReceivingApplicationEntityTitle = called_ae
     buffer = DicomBytesIO()
     buffer.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(buffer, file_meta, enforce_standard=True)
@@ -109,6 +116,7 @@ def read_meta(path: Path) -> FileFacts | None:
             sop_instance=str(file_meta.MediaStorageSOPInstanceUID),
             transfer_syntax=str(file_meta.TransferSyntaxUID),
             calling_ae=str(file_meta.get("SourceApplicationEntityTitle", "")),
+            called_ae=str(file_meta.get("ReceivingApplicationEntityTitle", "")),
             data_offset=offset,
             size=path.stat().st_size - offset,
         )

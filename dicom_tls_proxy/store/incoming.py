@@ -84,6 +84,7 @@ class Incoming:
             sop_instance=meta.sop_instance,
             transfer_syntax=meta.transfer_syntax,
             calling_ae=meta.calling_ae,
+            called_ae=meta.called_ae,
             implementation_class_uid=spool.implementation_class_uid,
             implementation_version_name=spool.implementation_version_name,
         )
@@ -92,16 +93,16 @@ class Incoming:
         return handle
 
     def finish(self) -> Meta:
-        """Write the rest, fsync, check that the data set parses as its transfer syntax, write
+        """Write the rest, check that the data set parses as its transfer syntax, fsync, write
         the JSON, rename, fsync the folder: durable. Refused (0xA700 or 0xC000) otherwise, and
-        nothing is left behind."""
+        nothing is left behind. The JSON is written in place and not fsynced: the file meta says
+        all of it but the attempts (`dicomfile.read_meta`), so a JSON a crash left empty or
+        half written is rebuilt from the instance; one file created and one fsync less per
+        instance (measured: inode allocation and fsyncs were most of the ingest's cost)."""
         try:
             self.flush()
             assert self._file is not None
             self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
         except OSError as exc:
             self.discard()
             raise Refused(OUT_OF_RESOURCES, f"writing {self.path} failed: {exc}") from None
@@ -116,7 +117,10 @@ class Incoming:
         meta = replace(meta, size=self.size)
         final = self.spool.folder / f"{meta.id}"
         try:
-            write_json(final.with_suffix(".json"), asdict(meta), durable=True)
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            write_json(final.with_suffix(".json"), asdict(meta), durable=False, in_place=True)
             os.replace(self.path, final.with_suffix(".dcm"))
             fsync_folder(self.spool.folder)
         except OSError as exc:

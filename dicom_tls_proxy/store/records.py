@@ -89,11 +89,13 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: Path, data: dict[str, Any], *, durable: bool) -> None:
+def write_json(path: Path, data: dict[str, Any], *, durable: bool, in_place: bool = False) -> None:
     """Write `path` whole or not at all (temporary name, rename; the temporary file removed if
-    that fails)."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    that fails); `in_place`: straight into a new `path`, for a file whose reader copes with it
+    being cut short by a crash (the JSON of a new instance, which the file meta can replace)."""
+    temporary = path if in_place else path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if in_place else os.O_TRUNC)
+    fd = os.open(temporary, flags, 0o600)
     try:
         try:
             os.write(fd, json.dumps(data, sort_keys=True).encode())
@@ -101,7 +103,8 @@ def write_json(path: Path, data: dict[str, Any], *, durable: bool) -> None:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temporary, path)
+        if not in_place:
+            os.replace(temporary, path)
     except OSError:
         with contextlib.suppress(OSError):
             temporary.unlink()

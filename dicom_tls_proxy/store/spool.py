@@ -54,6 +54,7 @@ __all__ = ["Incoming", "Meta", "Refused", "Spool", "SpoolError", "Usage", "route
 FAILED = "failed"
 LOCK = ".forwarder.lock"
 USAGE_TTL = 1.0  # seconds a scan of the spool's size is trusted (other workers add to it)
+KNOWN_LIMIT = 8192  # queue entries remembered before those no longer there are forgotten
 ORPHAN_AGE = 24 * 3600.0  # a temporary file this old is removed even if its pid is alive again
 
 
@@ -79,6 +80,9 @@ class Spool:
     _used: int = field(default=0, repr=False)
     _used_at: float = field(default=float("-inf"), repr=False)
     _sequence: int = field(default=0, repr=False)
+    # What this process read of the queue's JSON files: the forwarder looks at the queue once
+    # per association and per LINGER, and a JSON does not change but by this process's hand.
+    _known: dict[str, Meta] = field(default_factory=dict, repr=False)
 
     @property
     def failed_folder(self) -> Path:
@@ -154,11 +158,18 @@ class Spool:
             names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".dcm"))
         except FileNotFoundError:
             return []
+        known = self._known if folder == self.folder else {}
         out: list[Meta] = []
         for name in names[:limit]:
-            meta = self._read_meta(folder, name[: -len(".dcm")])
+            ident = name[: -len(".dcm")]
+            meta = known.get(ident) or self._read_meta(folder, ident)
             if meta is not None:
+                known[ident] = meta
                 out.append(meta)
+        if len(known) > KNOWN_LIMIT:  # instances gone by another process's hand
+            present = {name[: -len(".dcm")] for name in names}
+            for ident in [i for i in known if i not in present]:
+                del known[ident]
         return out
 
     def _read_meta(self, folder: Path, ident: str) -> Meta | None:
@@ -180,6 +191,7 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 (self.folder / f"{meta.id}{suffix}").unlink()
         fsync_folder(self.folder)
+        self._known.pop(meta.id, None)
         self._used -= meta.size
 
     def attempted(self, meta: Meta, error: str) -> Meta:
@@ -187,6 +199,7 @@ class Spool:
         updated = replace(meta, attempts=meta.attempts + 1, last_error=error)
         with contextlib.suppress(OSError):
             write_json(self.folder / f"{meta.id}.json", asdict(updated), durable=False)
+        self._known[meta.id] = updated
         return updated
 
     def fail(self, meta: Meta, reason: str) -> Meta:
@@ -200,6 +213,7 @@ class Spool:
             (self.folder / f"{meta.id}.json").unlink()
         fsync_folder(target)
         fsync_folder(self.folder)
+        self._known.pop(meta.id, None)
         return updated
 
     def retry_failed(self) -> int:
@@ -289,7 +303,7 @@ class Spool:
 
 def _meta_from_file(path: Path, ident: str) -> Meta | None:
     """An instance's JSON rebuilt from its file meta (the JSON was lost); None if unreadable.
-    The Called AE is not in the file: the forwarder then uses the route's."""
+    Only the attempts so far are lost."""
     facts = dicomfile.read_meta(path)
     if facts is None:
         return None
@@ -297,7 +311,7 @@ def _meta_from_file(path: Path, ident: str) -> Meta | None:
     return Meta(
         id=ident,
         calling_ae=facts.calling_ae,
-        called_ae="",
+        called_ae=facts.called_ae,
         sop_class=facts.sop_class,
         sop_instance=facts.sop_instance,
         transfer_syntax=facts.transfer_syntax,
