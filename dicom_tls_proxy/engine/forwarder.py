@@ -430,6 +430,7 @@ class RouteForwarder:
     ) -> tuple[int | str, bytes]:
         """The status of the C-STORE-RSP to `message_id`, or what the upstream did instead."""
         while True:
+            link.ack_at_once()
             raw, rest = await read_pdu(link.stream, 1 << 20, first=False, initial=rest)
             if raw[0] != pdu.P_DATA_TF:
                 return f"the upstream sent {pdu.describe(pdu.parse_pdu(raw))}", rest
