@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -38,7 +39,7 @@ from dicom_tls_proxy.ops.process import (
 )
 from dicom_tls_proxy.ops.syslogsink import SyslogSink
 from dicom_tls_proxy.ops.watch import watch_folders
-from dicom_tls_proxy.transport import _openssl
+from dicom_tls_proxy.transport import _openssl, sessions
 
 Sinks = tuple[AuditFile | None, SyslogSink | None, Metrics | None]
 
@@ -165,6 +166,7 @@ async def _serve(
                     listeners=addresses,
                     openssl_path=_openssl.PATH,
                     openssl_why=_openssl.WHY,
+                    **_ticket_keys(config),
                 )
                 sd_notify("READY=1")
                 async for signum in signals:
@@ -177,6 +179,13 @@ async def _serve(
                         stop(cause="signal", signal=name)
         audit.event("stopped", code=code)  # still inside `attached`: the audit file gets it
     return code
+
+
+def _ticket_keys(config: Config) -> dict[str, Any]:
+    """How session tickets are keyed, for the "started" line, when a listener issues them."""
+    if any(li.tls and config.tls[li.tls].session_tickets for li in config.listeners):
+        return {"ticket_keys": sessions.TICKET_KEYS}
+    return {}
 
 
 async def _housekeeping(proxy: Proxy) -> None:

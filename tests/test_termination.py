@@ -49,6 +49,7 @@ LOG_FIELDS = {
     "cipher",
     "encryption",
     "mac",
+    "resumed",
     "peer_subject",
     "peer_sha256",
     "calling_ae",

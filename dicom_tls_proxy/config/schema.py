@@ -118,6 +118,7 @@ class TlsTable:
     ciphers: str = ""  # "": the profile's own list
     tls13_ciphersuites: str = ""
     server_name: str = ""
+    session_tickets: bool = True  # resumption: tickets issued (listener), sessions kept (upstream)
     identity: certload.Identity | None = field(repr=False, default=None)
     ca_certificates: tuple[x509.Certificate, ...] = field(repr=False, default=())
     crls: tuple[x509.CertificateRevocationList, ...] = field(repr=False, default=())

@@ -48,6 +48,7 @@ _TLS_KEYS = {
     "ciphers",
     "tls13_ciphersuites",
     "server_name",
+    "session_tickets",
 }
 
 
@@ -114,6 +115,7 @@ def tls_table(r: Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTabl
     suites = _openssl_list("set_tls13_ciphersuites")
     tls13 = r.value(d, key, "tls13_ciphersuites", str, base.tls13_ciphersuites, suites)
     server_name = r.value(d, key, "server_name", str, base.server_name)
+    session_tickets = r.value(d, key, "session_tickets", bool, base.session_tickets)
 
     if private_key is not None and certificate is None:
         r.error(f"{key}.certificate", "private_key is given but certificate is missing")
@@ -207,6 +209,7 @@ def tls_table(r: Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTabl
         ciphers=ciphers,
         tls13_ciphersuites=tls13,
         server_name=server_name,
+        session_tickets=session_tickets,
         identity=identity,
         ca_certificates=tuple(ca_certs),
         crls=tuple(crls),

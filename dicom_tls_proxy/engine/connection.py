@@ -224,6 +224,7 @@ class Connection:
         info = tstream.info()
         record.tls_version, record.cipher = info.version, info.cipher
         record.encryption, record.mac = info.encryption, info.mac
+        record.resumed = info.resumed
         if info.certificate is not None:
             d = policy.describe(info.certificate)
             record.peer_subject, record.peer_sha256 = d["subject"], d["sha256"]
@@ -319,10 +320,9 @@ class Connection:
                 return sock
             table = self.gen.config.tls[route.upstream_tls]
             name = table.server_name or route.upstream.host
-            try:
-                return await TlsStream.connect(
-                    sock, self.gen.client_contexts[route.upstream_tls], table, name
-                )
+            ctx = self.gen.client_contexts[route.upstream_tls]
+            try:  # `str(route.upstream)`: the session kept for it is resumed
+                return await TlsStream.connect(sock, ctx, table, name, str(route.upstream))
             except TlsFailure as failure:
                 await aclose_quietly(sock)
                 detail = f"{route.upstream}: {failure.reason}: {failure}"

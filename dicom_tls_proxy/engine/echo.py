@@ -202,7 +202,7 @@ async def open_link(
         mark = time.perf_counter()
         context = ssl_context or client_context(table)
         try:
-            tstream = await TlsStream.connect(recorder, context, table, name)
+            tstream = await TlsStream.connect(recorder, context, table, name, where)
         except TlsFailure as failure:
             result.certificate = failure.certificate
             pinned = table.accepted_thumbprints

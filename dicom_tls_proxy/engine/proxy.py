@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -25,22 +25,26 @@ from dicom_tls_proxy.engine.health import HealthChecks
 from dicom_tls_proxy.ops.audit import AssociationRecord, Audit
 from dicom_tls_proxy.ops.process import open_fds
 from dicom_tls_proxy.ops.syslogsink import SyslogSink
+from dicom_tls_proxy.transport.sessions import ServerContexts
 from dicom_tls_proxy.transport.tlscontext import client_context, server_context
 
 
 @dataclass(frozen=True)
 class Generation:
     """One loaded config and the TLS contexts built from it. A connection keeps the generation
-    it was accepted under, so a reload never changes an association in flight."""
+    it was accepted under, so a reload never changes an association in flight. The contexts
+    are the generation's own, and with them the TLS sessions kept and the ticket keys: a reload
+    resumes nothing made under the trust of the one before."""
 
     config: Config
-    server_contexts: dict[str, SSL.Context]
+    server_contexts: Mapping[str, SSL.Context]  # each listener table's, rotated (`sessions`)
     client_contexts: dict[str, SSL.Context]
     loaded: float = field(default_factory=time.time)  # when its config was read (the status page)
 
     @classmethod
     def build(cls, config: Config) -> Generation:
-        server = {li.tls: server_context(config.tls[li.tls]) for li in config.listeners if li.tls}
+        tables = {li.tls: config.tls[li.tls] for li in config.listeners if li.tls}
+        server = ServerContexts(tables, server_context)
         client = {
             r.upstream_tls: client_context(config.tls[r.upstream_tls])
             for r in config.routes

@@ -39,6 +39,7 @@ class AssociationRecord:
     cipher: str = ""
     encryption: str = ""
     mac: str = ""
+    resumed: bool = False  # the client's TLS session was resumed (no certificate exchanged)
     peer_subject: str = ""
     peer_sha256: str = ""
     calling_ae: str = ""
@@ -111,6 +112,8 @@ _JSON_ONLY = frozenset({alerts.FIELD})
 
 
 def _text_value(value: Any) -> str:
+    if isinstance(value, bool):  # as JSON writes it
+        return "true" if value else "false"
     if isinstance(value, list):
         value = ",".join(str(v) for v in value)
     text = str(value)

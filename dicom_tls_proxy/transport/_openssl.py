@@ -168,6 +168,10 @@ def _private_verify_error_text(errnum: int) -> str:
     return str(_ffi.string(_lib.X509_verify_cert_error_string(errnum)).decode())
 
 
+def _private_session_reused(conn: SSL.Connection) -> bool | None:
+    return bool(_lib.SSL_session_reused(conn._ssl))
+
+
 # -- the public path --------------------------------------------------------------------------
 
 
@@ -259,6 +263,10 @@ _VERIFY_ERRORS = {
 
 def _public_verify_error_text(errnum: int) -> str:
     return _VERIFY_ERRORS.get(errnum, f"verification error {errnum}")
+
+
+def _public_session_reused(conn: SSL.Connection) -> bool | None:
+    return None  # pyOpenSSL has no public word for it: `tlscontext.handshake_completed` infers it
 
 
 # -- which path -------------------------------------------------------------------------------
@@ -370,11 +378,16 @@ has_output: Callable[[SSL.Connection], bool]
 """Whether ciphertext may wait in the outgoing memory BIO (without reading it out)."""
 verify_error_text: Callable[[int], str]
 """OpenSSL's words for an X509_V_ERR_* code."""
+session_reused: Callable[[SSL.Connection], bool | None]
+"""Whether the completed handshake resumed a session (SSL_session_reused); None when unknown."""
 if PATH == "private":
     new_buffer, read_into, write = _CBuffer, _private_read_into, _private_write
     encrypt_into, drain, has_output = _private_encrypt_into, _private_drain, _private_has_output
     verify_error_text = _private_verify_error_text
+    reused_known = hasattr(_lib, "SSL_session_reused")
+    session_reused = _private_session_reused if reused_known else _public_session_reused
 else:
     new_buffer, read_into, write = _ByteBuffer, _public_read_into, _public_write
     encrypt_into, drain, has_output = _public_encrypt_into, _public_drain, _public_has_output
     verify_error_text = _public_verify_error_text
+    session_reused = _public_session_reused

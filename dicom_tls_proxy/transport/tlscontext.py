@@ -33,6 +33,7 @@ from dicom_tls_proxy.protocol.vocabulary import Reason
 from dicom_tls_proxy.security import certnames, policy
 from dicom_tls_proxy.security.auth import PeerIdentity
 from dicom_tls_proxy.security.thumbprint import matches_any
+from dicom_tls_proxy.transport import sessions
 
 Purpose = Literal["client", "server"]
 
@@ -83,6 +84,7 @@ class Verification:
     # A chain error OpenSSL reported above depth 0 before showing us the leaf (it checks the chain
     # top-down): the refusal waits for the leaf's callback, so that the log can name the leaf.
     chain_failure: policy.Problem | None = None
+    resumed: bool = False  # set by `handshake_completed`
 
 
 def _parsed(cert: crypto.X509) -> x509.Certificate:
@@ -137,6 +139,15 @@ def decide(state: Verification, cert: crypto.X509, errnum: int, depth: int, ok: 
     state.leaf_checked = True
     leaf = state.leaf
     assert leaf is not None
+    return judge_leaf(state, leaf)
+
+
+def judge_leaf(state: Verification, leaf: x509.Certificate) -> bool:
+    """The peer's end-entity certificate against the table in force (pins, validity now, usage,
+    the CRLs, the server name): in the verify callback, and again after a resumed handshake,
+    which skips the callback. A refusal is left in `state.failure`."""
+    table = state.table
+    allow_weak = table.allow_weak_peer_certificates
     if (
         table.pins_thumbprint
         and matches_any(leaf.public_bytes(Encoding.DER), table.accepted_thumbprints) is None
@@ -223,13 +234,17 @@ def server_context(table: TlsTable) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     _apply_profile(ctx, table)
     ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
-    # No resumption: DICOM peers open a fresh TLS connection per association and do not resume;
-    # a session cache and TLS 1.3 tickets would only cost memory and a write per handshake.
-    ctx.set_options(SSL.OP_NO_TICKET)
+    # Resumption by stateless tickets only (TLS 1.2 and 1.3), with the keys OpenSSL draws for this
+    # context (see `sessions`): no server-side session cache to hold memory per client.
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if table.session_tickets:
+        ctx.set_timeout(int(sessions.ROTATE_AFTER))
+        ctx.set_session_id(sessions.session_id_context(table))
+    else:
+        ctx.set_options(SSL.OP_NO_TICKET)
+        ctx.set_session_id(b"dicom-tls-proxy")
     _use_identity(ctx, table)
     _load_trust(ctx, table)
-    ctx.set_session_id(b"dicom-tls-proxy")
     if table.peer_certificate == "none":
         ctx.set_verify(SSL.VERIFY_NONE)
     else:
@@ -248,9 +263,13 @@ def client_context(table: TlsTable) -> SSL.Context:
     """The context the proxy connects upstream with; the peer (a server) is judged by `table`."""
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     _apply_profile(ctx, table)
-    # Every upstream connection is a fresh handshake: no session to resume, no tickets to keep.
-    ctx.set_options(SSL.OP_NO_TICKET)
+    # Sessions are kept by `sessions.ClientSessions` (`TlsStream.connect` offers and keeps them),
+    # not by OpenSSL's client cache.
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if table.session_tickets:
+        sessions.attach(ctx)
+    else:
+        ctx.set_options(SSL.OP_NO_TICKET)
     _use_identity(ctx, table)
     _load_trust(ctx, table)
     ctx.set_verify(SSL.VERIFY_PEER, _verify_callback)
@@ -307,11 +326,23 @@ def handshake_failure(v: Verification, exc: SSL.Error | None) -> TlsFailure:
     return TlsFailure(Reason.TLS_PROTOCOL, text, v.leaf)
 
 
-def handshake_completed(v: Verification) -> None:
-    """After a handshake OpenSSL completed: fail closed, and let go of the peer's leaf."""
+def handshake_completed(v: Verification, conn: SSL.Connection, reused: bool | None) -> None:
+    """After a handshake OpenSSL completed: fail closed, judge again a certificate the verify
+    callback did not see (a resumed session's: it may have expired or been revoked since), and
+    let go of the peer's leaf. `reused` is OpenSSL's word on resumption, None when unknown (then
+    a certificate no callback saw says it). Raises `TlsFailure` as the callback would."""
     if v.failure is None and v.chain_failure is not None:  # fail closed, never reached so far
         v.failure = v.chain_failure
         raise handshake_failure(v, None)
+    peer = conn.get_peer_certificate() if v.leaf is None else None
+    unseen = peer is not None
+    if peer is not None:
+        v.leaf = _parsed(peer)
+        if v.table.verify != "none" and not judge_leaf(v, v.leaf):
+            assert v.failure is not None
+            v.failure = policy.Problem(v.failure.reason, f"{v.failure.message} (session resumed)")
+            raise handshake_failure(v, None)
+    v.resumed = unseen if reused is None else reused
     # Only failures need the parsed leaf (to name it); `negotiated` reads the certificate afresh.
     # Hundreds of associations may sit idle for hours: each kept ~4 KiB alive with it.
     v.leaf = None
@@ -329,6 +360,7 @@ class TlsInfo:
     certificate: x509.Certificate | None
     identity: PeerIdentity
     warnings: tuple[str, ...]
+    resumed: bool = False
 
 
 def negotiated(conn: SSL.Connection, v: Verification) -> TlsInfo:
@@ -351,6 +383,7 @@ def negotiated(conn: SSL.Connection, v: Verification) -> TlsInfo:
         certificate=cert,
         identity=identity,
         warnings=tuple(dict.fromkeys(v.warnings)),  # OpenSSL and policy may both report it
+        resumed=v.resumed,
     )
 
 

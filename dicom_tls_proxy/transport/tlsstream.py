@@ -35,7 +35,7 @@ import trio
 from OpenSSL import SSL
 
 from dicom_tls_proxy.config.schema import TlsTable
-from dicom_tls_proxy.transport import _openssl
+from dicom_tls_proxy.transport import _openssl, sessions
 from dicom_tls_proxy.transport._openssl import RECORD, Buffer
 from dicom_tls_proxy.transport.sockio import LeanStream, stream_error, waiting
 from dicom_tls_proxy.transport.tlscontext import (
@@ -80,6 +80,7 @@ class TlsStream:
         self._eof = False
         self._error = ""
         self._error_cause: OSError | None = None  # a reset OpenSSL met on its own socket
+        self._keep_session: Callable[[], None] | None = None  # at the peer's first data
 
     # -- setting up -------------------------------------------------------------------------
 
@@ -105,20 +106,35 @@ class TlsStream:
         ctx: SSL.Context,
         table: TlsTable,
         server_name: str,
+        upstream: str = "",
     ) -> TlsStream:
         """Client side handshake; `server_name` is checked against the certificate, sent as SNI.
         Over a `LeanStream` (the proxy's upstream connections) OpenSSL reads and writes the socket
-        itself: see `SocketTlsStream`."""
+        itself: see `SocketTlsStream`. With `upstream` ("host:port") the session last made with
+        it (and `server_name`) through `ctx` is resumed, and this one kept in its place."""
         v = Verification(
             table, "server", server_name=server_name, error_text=_openssl.verify_error_text
         )
         stream: TlsStream
         if isinstance(transport, LeanStream):
             sock = transport.socket
-            stream = SocketTlsStream(transport, sock, client_connection(ctx, v, sock), v)
+            conn = client_connection(ctx, v, sock)
+            stream = SocketTlsStream(transport, sock, conn, v)
         else:
-            stream = MemoryTlsStream(transport, client_connection(ctx, v, None), v)
-        await stream._handshake()
+            conn = client_connection(ctx, v, None)
+            stream = MemoryTlsStream(transport, conn, v)
+        cache = sessions.sessions_of(ctx) if upstream else None
+        if cache is None:
+            await stream._handshake()
+            return stream
+        key = (upstream, server_name)
+        cache.offer(conn, key)
+        try:
+            await stream._handshake()
+        except BaseException:
+            cache.forget(key)
+            raise
+        stream._keep_session = lambda: cache.keep(conn, key)
         return stream
 
     async def _handshake(self) -> None:
@@ -126,6 +142,15 @@ class TlsStream:
 
     def info(self) -> TlsInfo:
         return negotiated(self._conn, self._verification)
+
+    def _completed(self) -> None:
+        handshake_completed(self._verification, self._conn, _openssl.session_reused(self._conn))
+
+    def _first_data(self) -> None:
+        """The peer's first data: TLS 1.3 tickets, sent after the handshake, came before it."""
+        keep, self._keep_session = self._keep_session, None
+        if keep is not None:
+            keep()
 
     # -- moving bytes -----------------------------------------------------------------------
 
@@ -205,7 +230,7 @@ class MemoryTlsStream(TlsStream):
             if not data:
                 raise handshake_failure(self._verification, None)
             self._conn.bio_write(data)
-        handshake_completed(self._verification)
+        self._completed()
         await self._flush()  # the last flight, and TLS 1.3 session tickets
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray | memoryview:
@@ -216,6 +241,7 @@ class MemoryTlsStream(TlsStream):
                 out = self._decrypt(b"")
                 await self._flush()
                 if out:
+                    self._first_data()
                     return out
             self._raise_if_broken()
             if self._eof:
@@ -228,6 +254,8 @@ class MemoryTlsStream(TlsStream):
             del data
             await self._flush()  # reading can produce records to send (KeyUpdate, alerts)
             if out:
+                if self._keep_session is not None:
+                    self._first_data()
                 return out
 
     def _decrypt(self, data: bytes | bytearray | memoryview) -> memoryview:
@@ -373,7 +401,7 @@ class SocketTlsStream(TlsStream):
             raise handshake_failure(v, None) from None
         except SSL.Error as exc:  # OpenSSL has sent the alert that tells the peer why
             raise handshake_failure(v, exc) from None
-        handshake_completed(v)
+        self._completed()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray | memoryview:
         """All plaintext available now, up to about `max_bytes`; b"" at the end of the stream."""
@@ -388,6 +416,8 @@ class SocketTlsStream(TlsStream):
             out = _openssl.new_buffer(min(waiting(self._socket), limit) + RECORD + RECORD_OVERHEAD)
             want_write = self._decrypt_into(out, limit)
             if out.pos:
+                if self._keep_session is not None:
+                    self._first_data()
                 if not waited:  # as sockio.LeanStream: one yield per chunk, a wait is one
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 return out.view()
