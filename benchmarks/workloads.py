@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -321,12 +320,15 @@ def _measure_idle(endpoint: Endpoint, pki: Pki, sizes: Sizes, run: Run) -> None:
 
 def associations_logged(endpoint: Endpoint) -> int:
     """Associations the middlebox has finished and logged: the proxy's `event=association`
-    lines, stunnel's `Connection closed`/`Connection reset` lines."""
+    lines, HAProxy's `event=connection` lines (benchmarks/haproxy.cfg's log-format), stunnel's
+    `Connection closed`/`Connection reset` lines."""
     if endpoint.log is None:
         return 0
     text = endpoint.log.read_text(errors="replace")
     if endpoint.setup.middlebox == "proxy":
         return text.count("event=association ")
+    if endpoint.setup.middlebox == "haproxy":
+        return text.count("event=connection ")
     return text.count("Connection closed") + text.count("Connection reset")
 
 
@@ -338,8 +340,3 @@ def _wait_logged(endpoint: Endpoint, count: int) -> int:
         f"{count} association log lines from {endpoint.setup.middlebox}",
     )
     return associations_logged(endpoint)
-
-
-def dcmtk_version(tools: Tools) -> str:
-    out = subprocess.run([tools.storescu, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0].strip() if out else "unknown"
