@@ -96,9 +96,10 @@ def _git(*args: str) -> str:
 
 
 def facts(
-    *, storescu: str, stunnel: str | None, haproxy: str | None, digest: str
+    *, storescu: str, stunnel: str | None, haproxy: str | None, digest: str, started: float
 ) -> dict[str, Any]:
-    """Everything a reader needs to say where a figure comes from (the JSON's `machine`)."""
+    """Everything a reader needs to say where a figure comes from (the JSON's `machine`);
+    `started` is when the measurements began (time.time())."""
     from cryptography.hazmat.backends.openssl import backend
     from OpenSSL import SSL
 
@@ -108,7 +109,7 @@ def facts(
     except OSError:
         debian = None
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
         "cpu": model,
         "cores": os.cpu_count(),
         "cpu_flags": flags,

@@ -314,10 +314,15 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.time()
+    base = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
     runs, digest, counts = measure_all(args, tools, sizes, chosen, base)
     facts = machine.facts(
-        storescu=tools.storescu, stunnel=tools.stunnel, haproxy=tools.haproxy, digest=digest
+        storescu=tools.storescu,
+        stunnel=tools.stunnel,
+        haproxy=tools.haproxy,
+        digest=digest,
+        started=started,
     )
     text = summarize(args, runs, sizes, names, facts, counts)
     print(text)
