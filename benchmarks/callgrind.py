@@ -121,12 +121,12 @@ def _one_proxy(
             logged = 0
             for endpoint in endpoints.values():  # warm-up, uncounted
                 for _ in range(2):
-                    workloads._echo(endpoint, tools)
-                logged = workloads._wait_logged(endpoint, logged + 2)
+                    workloads.echo(endpoint, tools)
+                logged = workloads.wait_logged(endpoint, logged + 2)
             _control(pid, "-i", "on")
             for endpoint in endpoints.values():  # the first instrumented association
-                workloads._echo(endpoint, tools)
-            logged = workloads._wait_logged(endpoints["termination"], logged + 2)
+                workloads.echo(endpoint, tools)
+            logged = workloads.wait_logged(endpoints["termination"], logged + 2)
             procs.wait_cpu_quiet(pid, quiet=QUIET_S, timeout=procs.TIMEOUT)
             _control(pid, "-z")
             dumps = _Dumps(work)
@@ -136,13 +136,13 @@ def _one_proxy(
                 for size in (1, 2):
                     if count.kind == "association":
                         for _ in range(size * echoes):
-                            workloads._echo(endpoint, tools)
+                            workloads.echo(endpoint, tools)
                         logged += size * echoes
                     else:
                         argv = endpoint.dcmtk(tools.storescu, str(files[size - 1]))
                         procs.run_clients([argv], setups.CLIENT_ENV, workloads.CLIENT_TIMEOUT)
                         logged += 1
-                    workloads._wait_logged(endpoint, logged)
+                    workloads.wait_logged(endpoint, logged)
                     procs.wait_cpu_quiet(pid, quiet=QUIET_S, timeout=procs.TIMEOUT)
                     windows.append(dumps.take(pid))
                 count.window_n, count.window_2n = windows
