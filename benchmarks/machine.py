@@ -18,13 +18,14 @@ from typing import Any
 import procs
 
 # CPU flags that decide TLS's cost: AES rounds, GHASH (carry-less multiply), their vector forms,
-# SHA extensions (HKDF, certificate hashes), wide integer multiply (RSA, ECDHE)
+# SHA extensions (HKDF, certificate hashes), wide integer multiply (RSA: IFMA, BMI2/ADX; ECDHE)
 CPU_FLAGS = (
     "aes",
     "pclmulqdq",
     "avx",
     "avx2",
     "avx512f",
+    "avx512ifma",
     "vaes",
     "vpclmulqdq",
     "sha_ni",
@@ -96,10 +97,11 @@ def _git(*args: str) -> str:
 
 
 def facts(
-    *, storescu: str, stunnel: str | None, haproxy: str | None, digest: str, started: float
+    *, storescu: str, stunnel: str | None, haproxy: str | None, started: float
 ) -> dict[str, Any]:
-    """Everything a reader needs to say where a figure comes from (the JSON's `machine`);
-    `started` is when the measurements began (time.time())."""
+    """Everything a reader needs to say where a figure comes from (the JSON's `machine`), read
+    when the measurements begin (`started`, time.time()); the caller adds
+    `proxy_source_sha256`, the digest of the proxy's copied sources."""
     from cryptography.hazmat.backends.openssl import backend
     from OpenSSL import SSL
 
@@ -125,7 +127,7 @@ def facts(
         "haproxy": haproxy_version(haproxy),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "dicom_tls_proxy")),
-        "proxy_source_sha256": digest,
+        "proxy_source_sha256": None,  # filled in once the sources are copied
     }
 
 

@@ -1,4 +1,4 @@
-"""Benchmark dicom-tls-proxy against plaintext and stunnel, side by side, in one run.
+"""Benchmark dicom-tls-proxy against plaintext, stunnel and HAProxy, side by side, in one run.
 
     python benchmarks/run.py [--quick] [--runs N] [--workloads W1,W2,W3,W4] [--out DIR]
                              [--operations] [--workers 1,2] [--callgrind]
@@ -316,14 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     base = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
-    runs, digest, counts = measure_all(args, tools, sizes, chosen, base)
+    # read before measuring: a commit made during a long run is not the code it measured
     facts = machine.facts(
-        storescu=tools.storescu,
-        stunnel=tools.stunnel,
-        haproxy=tools.haproxy,
-        digest=digest,
-        started=started,
+        storescu=tools.storescu, stunnel=tools.stunnel, haproxy=tools.haproxy, started=started
     )
+    runs, digest, counts = measure_all(args, tools, sizes, chosen, base)
+    facts["proxy_source_sha256"] = digest
     text = summarize(args, runs, sizes, names, facts, counts)
     print(text)
     write_results(args, base, runs, sizes, names, text, facts, counts)
