@@ -50,8 +50,14 @@ def dcmtk(tool: str) -> str | None:
 
 
 def stunnel() -> str | None:
-    for name in ("stunnel4", "stunnel"):
-        for folder in ["/usr/bin", "/usr/local/bin", *os.environ.get("PATH", "").split(os.pathsep)]:
+    return executable("stunnel4", "stunnel")
+
+
+def executable(*names: str) -> str | None:
+    """The first of `names` found in the usual folders (sbin too: Debian puts haproxy there)."""
+    folders = ["/usr/bin", "/usr/local/bin", "/usr/sbin", "/usr/local/sbin"]
+    for name in names:
+        for folder in [*folders, *os.environ.get("PATH", "").split(os.pathsep)]:
             path = Path(folder) / name
             if path.is_file() and os.access(path, os.X_OK):
                 return str(path)
@@ -106,13 +112,15 @@ def is_listening(port: int) -> bool:
     return False
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], name: str, log: Path, timeout: float = TIMEOUT
+) -> None:
     def ready() -> bool:
         if proc.poll() is not None:
             raise BenchmarkError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
         return is_listening(port)
 
-    wait_until(ready, f"{name} to listen on 127.0.0.1:{port}")
+    wait_until(ready, f"{name} to listen on 127.0.0.1:{port}", timeout)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -248,9 +256,10 @@ def started(
     port: int,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    timeout: float = TIMEOUT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process, stderr and stdout to `log`, wait until it listens on `port`; it is
-    stopped (SIGTERM, then SIGKILL) however the block ends."""
+    """Start a server process, stderr and stdout to `log`, wait until it listens on `port` (at
+    most `timeout` seconds); it is stopped (SIGTERM, then SIGKILL) however the block ends."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
             list(argv),
@@ -262,7 +271,7 @@ def started(
             start_new_session=True,  # storescp --fork children go with it (killpg)
         )
     try:
-        wait_listening(port, proc, name, log)
+        wait_listening(port, proc, name, log, timeout)
         yield proc
     finally:
         stop(proc)

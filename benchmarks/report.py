@@ -1,5 +1,5 @@
-"""From raw runs to what a reader needs: metrics, medians, proxy/stunnel ratios, targets, a table,
-the JSON file and the chart."""
+"""From raw runs to what a reader needs: metrics, medians, proxy/stunnel and proxy/haproxy ratios,
+targets (against stunnel), a table, the JSON file and the chart."""
 
 from __future__ import annotations
 
@@ -209,6 +209,9 @@ def _cell(value: float | None, width: int) -> str:
     return f"{value:.{digits}f}".rjust(width)
 
 
+LABEL = 28  # width of the first column: "ratio termination/haproxy" fits
+
+
 def table(
     med: Medians,
     rat: Ratios,
@@ -219,6 +222,8 @@ def table(
 ) -> str:
     lines: list[str] = [f"medians of {runs} run(s); ratios = proxy / stunnel, same run"]
     keys = {k for per_key in rat.values() for k in per_key}
+    if any(k.endswith("/haproxy") for k in keys):
+        lines.append("  ratio DIRECTION/haproxy = proxy / HAProxy, same run (no target)")
     if any(k.endswith("-ops") for k in keys):
         lines.append("  ratio DIRECTION-ops = proxy with audit file and metrics / proxy without")
     if any(k.rpartition("-")[2].startswith("w") for k in keys):
@@ -230,15 +235,15 @@ def table(
         width = max(14, *(len(LABELS[c]) + 2 for c in columns))
         lines.append("")
         lines.append(f"{workload}: {descriptions[workload]}")
-        lines.append(f"  {'':<22}" + "".join(LABELS[c].rjust(width) for c in columns))
+        lines.append(f"  {'':<{LABEL}}" + "".join(LABELS[c].rjust(width) for c in columns))
         for setup in setups:
             row = med[workload].get(setup)
             if row is not None:
                 cells = "".join(_cell(row.get(c), width) for c in columns)
-                lines.append(f"  {setup:<22}{cells}")
+                lines.append(f"  {setup:<{LABEL}}{cells}")
         for direction, row in rat.get(workload, {}).items():
             cells = "".join((f"{row[c]:.2f}x" if c in row else "-").rjust(width) for c in columns)
-            lines.append(f"  {'ratio ' + direction:<22}{cells}")
+            lines.append(f"  {'ratio ' + direction:<{LABEL}}{cells}")
     lines.append("")
     lines.append("targets (proxy):")
     for v in verdicts:

@@ -1,11 +1,13 @@
-"""Benchmark dicom-tls-proxy against plaintext and stunnel, side by side, in one run.
+"""Benchmark dicom-tls-proxy against plaintext, stunnel and HAProxy, side by side, in one run.
 
     python benchmarks/run.py [--quick] [--runs N] [--workloads W1,W2,W3,W4] [--out DIR]
-                             [--operations] [--workers 1,2]
+                             [--operations] [--workers 1,2] [--callgrind]
 
 For each workload, each round measures every setup in turn (direct, proxy-term, stunnel-term,
-proxy-orig, stunnel-orig, then again), each with fresh processes; it prints medians and
-proxy/stunnel ratios, judges the targets, and writes DIR/run-TIMESTAMP.{json,png,txt}.
+haproxy-term, proxy-orig, stunnel-orig, haproxy-orig, then again), each with fresh processes; it
+prints the machine's facts, medians, proxy/stunnel and proxy/haproxy ratios, judges the targets
+(against stunnel), and writes DIR/run-TIMESTAMP.{json,png,txt}.
+--callgrind adds the proxy's instruction counts per association and per MB (callgrind.py).
 --operations adds proxy-term-ops and proxy-orig-ops (audit file and metrics on) to W1 and W3;
 --workers 1,2 adds proxy-term-w2 and proxy-orig-w2 (`workers = 2`) to W3.
 Exit status: 0 when every measurement was taken (targets met or not), 1 when one failed, 2 on a
@@ -17,15 +19,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import callgrind
+import machine
 import procs
 import report
 import setups
@@ -46,6 +48,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     parser.add_argument(
         "--without-stunnel", action="store_true", help="leave stunnel out even if installed"
+    )
+    parser.add_argument(
+        "--without-haproxy", action="store_true", help="leave HAProxy out even if installed"
+    )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="also count the proxy's instructions per association and per MB under callgrind "
+        "(valgrind; slow: several minutes)",
+    )
+    parser.add_argument(
+        "--callgrind-runs",
+        type=int,
+        default=2,
+        help="repeat each callgrind count this many times, to show its spread (default 2)",
     )
     parser.add_argument(
         "--profile",
@@ -80,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.runs = 1 if args.quick else 3
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.callgrind_runs < 1:
+        parser.error("--callgrind-runs must be at least 1")
     return args
 
 
@@ -139,51 +158,14 @@ def source_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def machine_info(tools: Tools, digest: str) -> dict[str, Any]:
-    from OpenSSL import SSL
-
-    def first_line(argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return "unknown"
-        lines = [x for x in (done.stdout + done.stderr).splitlines() if x.strip()]
-        return next((x.strip() for x in lines if "stunnel" in x or "OFFIS" in x), lines[0])
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=procs.REPO)
-        return done.stdout.strip()
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "proxy_openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(),
-        # "public" forces the proxy onto pyOpenSSL's public API (its `started` line says the path)
-        "proxy_openssl_env": os.environ.get("DICOM_TLS_PROXY_OPENSSL"),
-        "dcmtk": workloads.dcmtk_version(tools),
-        "stunnel": first_line([tools.stunnel, "-version"]) if tools.stunnel else None,
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--", "dicom_tls_proxy")),
-        "proxy_source_sha256": digest,
-    }
-
-
 def measure_all(
     args: argparse.Namespace, tools: Tools, sizes: Sizes, chosen: list[Setup], base: Path
-) -> tuple[list[Run], str]:
-    """Every workload, round after round, every setup in turn within a round; returns the runs
-    and the digest of the proxy's source that was measured."""
+) -> tuple[list[Run], str, list[callgrind.Count]]:
+    """Every workload, round after round, every setup in turn within a round; then, with
+    --callgrind, the proxy's instruction counts. Returns the runs, the digest of the proxy's
+    source that was measured, and the counts."""
     runs: list[Run] = []
+    counts: list[callgrind.Count] = []
     profiles = base.with_name(base.name + "-profiles") if args.profile else None
     if profiles:
         profiles.mkdir()
@@ -205,20 +187,34 @@ def measure_all(
                                 workload, setup, round_, tools, pki, data, sizes, work, profiles
                             )
                         )
+        if args.callgrind:
+            counts = callgrind.measure_all(
+                tools, pki, data, work / "callgrind", quick=args.quick, repeats=args.callgrind_runs
+            )
     finally:
         if args.keep:
             print(f"work folder kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    return runs, digest
+    return runs, digest, counts
 
 
-def summarize(args: argparse.Namespace, runs: list[Run], sizes: Sizes, names: list[str]) -> str:
+def summarize(
+    args: argparse.Namespace,
+    runs: list[Run],
+    sizes: Sizes,
+    names: list[str],
+    facts: dict[str, Any],
+    counts: list[callgrind.Count],
+) -> str:
     med = report.medians(runs)
     rat = report.ratios(med)
     verdicts = report.judge(med, rat)
     descriptions = {w: sizes.describe(w) for w in WORKLOADS}
-    text = report.table(med, rat, verdicts, names, descriptions, args.runs)
+    text = machine.describe(facts) + "\n\n"
+    text += report.table(med, rat, verdicts, names, descriptions, args.runs)
+    if args.callgrind:
+        text += "\n\n" + callgrind.table(counts)
     if args.quick:
         text += "\n(--quick: tiny inputs, one run; the targets are not meaningful here)"
     if args.profile:
@@ -256,8 +252,8 @@ def write_results(
     sizes: Sizes,
     names: list[str],
     text: str,
-    tools: Tools,
-    digest: str,
+    facts: dict[str, Any],
+    counts: list[callgrind.Count],
 ) -> None:
     med = report.medians(runs)
     rat = report.ratios(med)
@@ -273,7 +269,8 @@ def write_results(
         "operations": args.operations,
         "workers": args.workers,
         "pdu_bytes": PDU_SIZE,
-        "machine": machine_info(tools, digest),
+        "machine": facts,
+        "callgrind": callgrind.to_json(counts) if args.callgrind else None,
     }
     report.write_json(base.with_suffix(".json"), runs, med, rat, report.judge(med, rat), meta)
     base.with_suffix(".txt").write_text(text + "\n")
@@ -284,14 +281,24 @@ def write_results(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fd_limit = procs.raise_fd_limit()
-    tools = setups.find_tools(with_stunnel=not args.without_stunnel)
+    tools = setups.find_tools(
+        with_stunnel=not args.without_stunnel, with_haproxy=not args.without_haproxy
+    )
     sizes = QUICK if args.quick else FULL
     chosen = setups.chosen_setups(
-        stunnel=bool(tools.stunnel), operations=args.operations, workers=args.workers
+        stunnel=bool(tools.stunnel),
+        haproxy=bool(tools.haproxy),
+        operations=args.operations,
+        workers=args.workers,
     )
     names = [s.name for s in chosen]
     if not tools.stunnel:
         print("without stunnel (apt-get install -y stunnel4 to compare)", file=sys.stderr)
+    if not tools.haproxy:
+        print("without HAProxy (apt-get install -y haproxy to compare)", file=sys.stderr)
+    if args.callgrind and not callgrind.available():
+        print("--callgrind: valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
     print(
         f"setups: {', '.join(names)}; {args.runs} run(s) each; P-DATA PDUs of {PDU_SIZE} bytes "
         f"(storescp's default -pdu); fd limit {fd_limit}",
@@ -307,12 +314,19 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    runs, digest = measure_all(args, tools, sizes, chosen, base)
-    text = summarize(args, runs, sizes, names)
+    started = time.time()
+    base = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
+    # read before measuring: a commit made during a long run is not the code it measured
+    facts = machine.facts(
+        storescu=tools.storescu, stunnel=tools.stunnel, haproxy=tools.haproxy, started=started
+    )
+    runs, digest, counts = measure_all(args, tools, sizes, chosen, base)
+    facts["proxy_source_sha256"] = digest
+    text = summarize(args, runs, sizes, names, facts, counts)
     print(text)
-    write_results(args, base, runs, sizes, names, text, tools, digest)
-    return 1 if any(r.error for r in runs) else 0
+    write_results(args, base, runs, sizes, names, text, facts, counts)
+    failed = any(r.error for r in runs) or any(c.error for c in counts)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

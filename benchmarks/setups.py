@@ -9,6 +9,8 @@ is that workload's peak, and no run inherits another's warm caches or fragmented
     stunnel-term  storescu +tls --> stunnel [termination] -----> storescp
     proxy-orig    storescu -------> proxy (plaintext listener) -> storescp +tls    (origination)
     stunnel-orig  storescu -------> stunnel [origination] -----> storescp +tls
+    haproxy-term  storescu +tls --> haproxy [termination] -----> storescp           (second anchor)
+    haproxy-orig  storescu -------> haproxy [origination] -----> storescp +tls
 
 On request (`run.py --operations`, `--workers 1,2`), variants of the two proxy setups:
 
@@ -33,6 +35,7 @@ import procs
 
 HERE = Path(__file__).resolve().parent
 STUNNEL_TEMPLATE = HERE / "stunnel.conf"
+HAPROXY_TEMPLATE = HERE / "haproxy.cfg"
 # DCMTK leaves Nagle on without it. The device gets it too: with Nagle and delayed ACKs on its side
 # a plaintext C-ECHO association took 87 ms instead of 51 (time in which nothing is measured).
 CLIENT_ENV = {"TCP_NODELAY": "1"}
@@ -41,7 +44,7 @@ CALLING_AE = "BENCH"
 TERMINATION_AE = "LEGACY"  # the proxy's termination route (the legacy device behind it)
 ORIGINATION_AE = "PACS"  # the proxy's origination route (the TLS PACS in front of it)
 
-Middlebox = Literal["proxy", "stunnel"]
+Middlebox = Literal["proxy", "stunnel", "haproxy"]
 Direction = Literal["plaintext", "termination", "origination"]
 Upstream = Literal["storescp", "storescp-fork", "external"]
 
@@ -75,10 +78,17 @@ SETUPS = (
     Setup("stunnel-term", "termination", "stunnel"),
     Setup("proxy-orig", "origination", "proxy"),
     Setup("stunnel-orig", "origination", "stunnel"),
+    Setup("haproxy-term", "termination", "haproxy"),
+    Setup("haproxy-orig", "origination", "haproxy"),
 )
 PAIRS = {  # what the targets compare: the proxy against stunnel doing the same job
     "termination": ("proxy-term", "stunnel-term"),
     "origination": ("proxy-orig", "stunnel-orig"),
+}
+# the second anchor: the proxy against HAProxy doing the same job (ratios printed, no target)
+HAPROXY_PAIRS = {
+    "termination": ("proxy-term", "haproxy-term"),
+    "origination": ("proxy-orig", "haproxy-orig"),
 }
 OPERATIONS_WORKLOADS = ("W1", "W3")  # where the -ops setups run (the issue's acceptance)
 # where the -wN setups run: concurrent associations (W3), and the cost of one association (W2),
@@ -102,7 +112,9 @@ def workers_setups(workers: int) -> list[Setup]:
     ]
 
 
-def chosen_setups(*, stunnel: bool, operations: bool, workers: list[int]) -> list[Setup]:
+def chosen_setups(
+    *, stunnel: bool, operations: bool, workers: list[int], haproxy: bool = False
+) -> list[Setup]:
     """The setups of one run in the order they alternate: each proxy variant next to the proxy
     setup it varies, stunnel after them."""
     extra: dict[str, list[Setup]] = {proxy: [] for proxy, _ in PAIRS.values()}
@@ -114,6 +126,8 @@ def chosen_setups(*, stunnel: bool, operations: bool, workers: list[int]) -> lis
     chosen: list[Setup] = []
     for setup in SETUPS:
         if setup.middlebox == "stunnel" and not stunnel:
+            continue
+        if setup.middlebox == "haproxy" and not haproxy:
             continue
         chosen.append(setup)
         chosen += extra.get(setup.name, [])
@@ -132,11 +146,13 @@ def applies(workload: str, setup: Setup) -> bool:
 
 def comparisons(names: Iterable[str]) -> list[tuple[str, str, str]]:
     """The ratios to print, as (key, numerator, denominator) among the setups `names`: each
-    direction's proxy / stunnel (key: the direction), each proxy-X-wN / stunnel (key:
+    direction's proxy / stunnel (key: the direction), proxy / haproxy (key:
+    "DIRECTION/haproxy"), each proxy-X-wN / stunnel (key:
     "DIRECTION-wN") and / proxy-X with one worker (key: "DIRECTION-wN/w1"), each proxy-X-ops /
     proxy-X without operations (key: "DIRECTION-ops")."""
     present = set(names)
     out = [(d, proxy, stunnel) for d, (proxy, stunnel) in PAIRS.items()]
+    out += [(f"{d}/haproxy", proxy, haproxy) for d, (proxy, haproxy) in HAPROXY_PAIRS.items()]
     for d, (proxy, stunnel) in PAIRS.items():
         for name in sorted(present):
             suffix = name.removeprefix(proxy + "-w")
@@ -154,6 +170,7 @@ class Tools:
     storescp: str
     echoscu: str
     stunnel: str | None
+    haproxy: str | None = None
     proxy_source: Path = procs.REPO  # the folder `python -m dicom_tls_proxy` runs from
 
     def with_snapshot(self, folder: Path) -> Tools:
@@ -376,6 +393,27 @@ def running(
         )
 
 
+def haproxy_config(pki: Pki, ports: Ports, work: Path) -> str:
+    """benchmarks/haproxy.cfg with its placeholders filled in; HAProxy reads the key from the
+    certificate's PEM, so each certificate and its key are written into one file in `work`."""
+    pems = {}
+    for who in ("proxy", "client"):
+        pem = work / f"haproxy-{who}.pem"
+        pem.write_bytes(pki.cert(who).read_bytes() + pki.key(who).read_bytes())
+        pem.chmod(0o600)
+        pems[who] = pem
+    template = string.Template(HAPROXY_TEMPLATE.read_text())
+    return template.substitute(
+        termination_port=ports.tls_in,
+        termination_upstream_port=ports.device,
+        origination_port=ports.plain_in,
+        origination_upstream_port=ports.tls_device,
+        server_pem=pems["proxy"],
+        client_pem=pems["client"],
+        ca=pki.ca,
+    )
+
+
 def _start_middlebox(
     setup: Setup, tools: Tools, pki: Pki, ports: Ports, port: int, work: Path, log: Path
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
@@ -384,6 +422,12 @@ def _start_middlebox(
         config.write_text(proxy_config(pki, ports, setup, work))
         argv = [tools.python, "-m", "dicom_tls_proxy", "run", "-c", str(config)]
         return procs.started("proxy", argv, log, port=port, cwd=tools.proxy_source)
+    if setup.middlebox == "haproxy":
+        if tools.haproxy is None:
+            raise procs.BenchmarkError("haproxy is not installed")
+        config = work / "haproxy.cfg"
+        config.write_text(haproxy_config(pki, ports, work))
+        return procs.started("haproxy", [tools.haproxy, "-db", "-f", str(config)], log, port=port)
     if tools.stunnel is None:
         raise procs.BenchmarkError("stunnel is not installed")
     config = work / "stunnel.conf"
@@ -391,7 +435,7 @@ def _start_middlebox(
     return procs.started("stunnel", [tools.stunnel, str(config)], log, port=port)
 
 
-def find_tools(*, with_stunnel: bool = True) -> Tools:
+def find_tools(*, with_stunnel: bool = True, with_haproxy: bool = True) -> Tools:
     missing = [t for t in ("storescu", "storescp", "echoscu") if procs.dcmtk(t) is None]
     if missing:
         print(
@@ -405,4 +449,5 @@ def find_tools(*, with_stunnel: bool = True) -> Tools:
         storescp=procs.dcmtk("storescp") or "",
         echoscu=procs.dcmtk("echoscu") or "",
         stunnel=procs.stunnel() if with_stunnel else None,
+        haproxy=procs.executable("haproxy") if with_haproxy else None,
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -184,7 +183,7 @@ def measure(
     with procs.py_spy(pid, profile, subprocesses=endpoint.setup.workers > 1):
         _run_clients(workload, endpoint, tools, data, sizes, run)
     if pid is not None:
-        logged = _wait_logged(endpoint, logged + run.associations)
+        logged = wait_logged(endpoint, logged + run.associations)
         # CPU is read at the same point for every setup. The checks below wait up to a second
         # for the audit batch: inside the window, that wait took in the proxy's heap trim after
         # traffic (housekeeping, a second later) for the -ops setups only (+12-15% in W1).
@@ -213,7 +212,7 @@ def _run_clients(
         run.associations = sizes.w2_echoes
         t0 = time.perf_counter()
         for _ in range(sizes.w2_echoes):
-            _echo(endpoint, tools)
+            echo(endpoint, tools)
         run.wall_s = time.perf_counter() - t0
     elif workload == "W3":
         files = [str(p) for p in data.w3]
@@ -225,7 +224,7 @@ def _run_clients(
         raise ValueError(workload)
 
 
-def _echo(endpoint: Endpoint, tools: Tools) -> None:
+def echo(endpoint: Endpoint, tools: Tools) -> None:
     procs.run_clients([endpoint.dcmtk(tools.echoscu)], CLIENT_ENV, procs.TIMEOUT)
 
 
@@ -238,8 +237,8 @@ def _warm_up(endpoint: Endpoint, tools: Tools) -> int:
     WARM_UP_TRIES x N. Returns the associations the middlebox has logged."""
     workers = endpoint.setup.workers
     for tries in range(1, WARM_UP_TRIES * workers + 1):
-        _echo(endpoint, tools)
-        logged = _wait_logged(endpoint, tries)
+        echo(endpoint, tools)
+        logged = wait_logged(endpoint, tries)
         if workers == 1 or len(_workers_logged(endpoint)) >= workers:
             break
     return logged
@@ -321,16 +320,19 @@ def _measure_idle(endpoint: Endpoint, pki: Pki, sizes: Sizes, run: Run) -> None:
 
 def associations_logged(endpoint: Endpoint) -> int:
     """Associations the middlebox has finished and logged: the proxy's `event=association`
-    lines, stunnel's `Connection closed`/`Connection reset` lines."""
+    lines, HAProxy's `event=connection` lines (benchmarks/haproxy.cfg's log-format), stunnel's
+    `Connection closed`/`Connection reset` lines."""
     if endpoint.log is None:
         return 0
     text = endpoint.log.read_text(errors="replace")
     if endpoint.setup.middlebox == "proxy":
         return text.count("event=association ")
+    if endpoint.setup.middlebox == "haproxy":
+        return text.count("event=connection ")
     return text.count("Connection closed") + text.count("Connection reset")
 
 
-def _wait_logged(endpoint: Endpoint, count: int) -> int:
+def wait_logged(endpoint: Endpoint, count: int) -> int:
     if endpoint.log is None:
         return 0
     procs.wait_until(
@@ -338,8 +340,3 @@ def _wait_logged(endpoint: Endpoint, count: int) -> int:
         f"{count} association log lines from {endpoint.setup.middlebox}",
     )
     return associations_logged(endpoint)
-
-
-def dcmtk_version(tools: Tools) -> str:
-    out = subprocess.run([tools.storescu, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0].strip() if out else "unknown"

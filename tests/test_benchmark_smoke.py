@@ -3,7 +3,9 @@
 Nothing here asserts a timing or a target: numbers from one tiny run on a shared machine mean
 nothing. Only that every workload was measured on every setup and the results were written.
 The one run also takes the optional setups (--operations, --workers 1,2), so they cannot rot
-either: their checks (audit file, /metrics) fail the run when they do not hold.
+either: their checks (audit file, /metrics) fail the run when they do not hold. HAProxy and
+stunnel are measured when installed (scripts/test.sh installs both). A second run counts the
+proxy's instructions under callgrind (--callgrind; skipped without valgrind).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,20 @@ MEASURED = {  # what each workload is for (the columns of benchmarks/report.py)
     "W4": {"idle_kib_handshake", "idle_kib_traffic", "peak_rss_mib"},
 }
 POSITIVE = {"throughput_mb_s", "associations_per_s", "peak_rss_mib"}
+MACHINE = {  # the facts printed beside every figure (benchmarks/machine.py)
+    "date",
+    "cpu",
+    "cores",
+    "cpu_flags",
+    "kernel",
+    "python",
+    "proxy_openssl",
+    "proxy_openssl_cryptography",
+    "stunnel",
+    "haproxy",
+    "dcmtk",
+    "git_commit",
+}
 
 
 @pytest.mark.dcmtk
@@ -68,6 +85,14 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
         if run["setup"] in w2:  # the parent and its two workers
             assert len(run["peak_rss_each_kib"]) == 3
     assert {"termination-ops", "origination-ops"} <= set(data["ratios"]["W3"])  # no stunnel needed
+    if "haproxy-term" in data["setups"]:  # the second anchor: ratios against it too
+        for workload in ("W1", "W2", "W3", "W4"):
+            keys = set(data["ratios"][workload])
+            assert {"termination/haproxy", "origination/haproxy"} <= keys, (workload, keys)
+        assert "ratio termination/haproxy" in done.stdout
+    assert set(data["machine"]) >= MACHINE, data["machine"]
+    assert data["machine"]["proxy_openssl"].startswith("OpenSSL")
+    assert "machine: " in done.stdout and "proxy: OpenSSL" in done.stdout
     # workers = 2 against workers = 1, per association (issue 12's acceptance), judged
     assert {"termination-w2/w1", "origination-w2/w1"} <= set(data["ratios"]["W2"])
     workers = [t for t in data["targets"] if t["target"].startswith("W2 CPU ms/assoc, workers")]
@@ -88,6 +113,42 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
     assert "targets (proxy):" in done.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert result.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.dcmtk
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_quick_callgrind_counts_per_association_and_per_mb(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "--quick",
+            "--workloads",
+            "W2",
+            "--without-stunnel",
+            "--without-haproxy",
+            "--callgrind",
+            "--callgrind-runs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [result] = tmp_path.glob("run-*.json")
+    counts = json.loads(result.read_text())["callgrind"]
+    phases = {(r["direction"], r["kind"]) for r in counts["runs"]}
+    assert phases == {(d, k) for d in ("termination", "origination") for k in ("association", "MB")}
+    for run in counts["runs"]:
+        assert run["error"] is None, run
+        # the window of 2N units cost more than the window of N: the difference is the count
+        assert run["window_2n"] > run["window_n"] > 0, run
+        assert run["per_unit"] > 0, run
+    assert "callgrind: the proxy's user-space instructions" in done.stdout
 
 
 @pytest.mark.dcmtk

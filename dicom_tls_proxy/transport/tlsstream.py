@@ -96,7 +96,7 @@ class TlsStream:
         conn = server_connection(ctx, v)
         stream = MemoryTlsStream(transport, conn, v)
         if initial:
-            conn.bio_write(initial)
+            _openssl.feed(conn, memoryview(initial))
         await stream._handshake()
         return stream
 
@@ -229,7 +229,7 @@ class MemoryTlsStream(TlsStream):
             data = await self.transport.receive_some(RECEIVE_SIZE)
             if not data:
                 raise handshake_failure(self._verification, None)
-            self._conn.bio_write(data)
+            _openssl.feed(self._conn, memoryview(data))
         self._completed()
         await self._flush()  # the last flight, and TLS 1.3 session tickets
 
@@ -269,7 +269,7 @@ class MemoryTlsStream(TlsStream):
         start = 0
         while True:
             if start < len(view):
-                conn.bio_write(view[start : start + SLICE])
+                _openssl.feed(conn, view[start : start + SLICE])
                 start += SLICE
             self._decrypt_into(out)
             if self._eof or self._error or start >= len(view):
