@@ -929,7 +929,16 @@ def test_peer_identity(
 
 def test_describe(leaf: x509.Certificate, ca: tuple[Key, x509.Certificate]) -> None:
     described = describe(leaf)
-    assert set(described) == {"subject", "issuer", "not_before", "not_after", "sha256", "sha1"}
+    assert set(described) == {
+        "subject",
+        "cn",
+        "issuer",
+        "not_before",
+        "not_after",
+        "sha256",
+        "sha1",
+    }
+    assert described["cn"] == "pacs.example.org"
     assert described["subject"] == "CN=pacs.example.org"
     assert described["issuer"] == "CN=Policy Test CA"
     assert described["not_before"] == leaf.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -67,6 +67,14 @@ def time_text(read: Callable[[], datetime]) -> str:
         return "<unreadable time>"
 
 
+def common_names(cert: x509.Certificate) -> str:
+    """The subject's CNs, comma-separated ("" when none, or when the subject cannot be read)."""
+    try:
+        return ", ".join(attribute_values(cert.subject, x509.NameOID.COMMON_NAME))
+    except Exception:
+        return ""
+
+
 def attribute_values(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]:
     values: list[str] = []
     for attribute in name.get_attributes_for_oid(oid):

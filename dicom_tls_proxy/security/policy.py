@@ -37,6 +37,7 @@ from dicom_tls_proxy.security.auth import PeerIdentity
 from dicom_tls_proxy.security.certfields import (
     CACHED_CERTIFICATES,
     attribute_values,
+    common_names,
     error_text,
     extensions_of,
     issuer_text,
@@ -399,10 +400,10 @@ def _peer_identity(der: bytes, chain_verified: bool) -> PeerIdentity:
     subject: str | None
     try:
         subject = cert.subject.rfc4514_string()
-        common_names = attribute_values(cert.subject, NameOID.COMMON_NAME)
+        cns = attribute_values(cert.subject, NameOID.COMMON_NAME)
         units = attribute_values(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
     except Exception:
-        subject, common_names, units = None, (), ()
+        subject, cns, units = None, (), ()
     dns_names: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()
     san = subject_alt_names(cert)
@@ -415,7 +416,7 @@ def _peer_identity(der: bytes, chain_verified: bool) -> PeerIdentity:
     sha256, sha1 = der_thumbprints(der)
     return PeerIdentity(
         subject=subject,
-        common_names=common_names,
+        common_names=cns,
         organizational_units=units,
         dns_names=dns_names,
         uris=uris,
@@ -437,7 +438,7 @@ def _description(der: bytes) -> tuple[tuple[str, str], ...]:
     return tuple(
         {
             "subject": subject_text(cert),
-            "cn": ", ".join(attribute_values(cert.subject, NameOID.COMMON_NAME)),
+            "cn": common_names(cert),
             "issuer": issuer_text(cert),
             "not_before": time_text(lambda: cert.not_valid_before_utc),
             "not_after": time_text(lambda: cert.not_valid_after_utc),
