@@ -444,8 +444,10 @@ def test_audit_file_is_written_batch_after_batch_while_the_proxy_runs(
         assert value(scrape(web), "dicom_tls_proxy_audit_dropped_total") == 0
         assert value(scrape(web), "dicom_tls_proxy_audit_failures_total") == 0
     assert len(in_file()) == len(set(in_file())) == 21  # each once, after the stop too
-    # Written as it came, not at the end: several batches, but at most one per second.
-    assert 3 <= len(batches) <= spread + 1, (batches, spread)
+    # Written as it came, not at the end: several batches, but at most one per second. The
+    # file is seen to grow by a 10 ms poll, so two writes a second apart can be seen 0.96 s
+    # apart (measured): the bound allows one batch of that jitter.
+    assert 3 <= len(batches) <= spread + 2, (batches, spread)
     gaps = [b - a for a, b in itertools.pairwise(batches)]
     assert min(gaps) > 0.5, gaps
 
