@@ -251,6 +251,28 @@ def proxy_config(
 # -- DICOM peers ----------------------------------------------------------------------------
 
 
+def storescp_command(port: int, out: Path, *extra: str, aet: str = "LEGACY") -> list[str]:
+    """DCMTK storescp on `port`, storing what it receives into `out`."""
+    return [dcmtk("storescp"), *extra, "-aet", aet, "-od", str(out), str(port)]
+
+
+@contextmanager
+def storescp_running(port: int, out: Path, *extra: str, aet: str = "LEGACY") -> Iterator[Path]:
+    """DCMTK storescp (`storescp_command`) while the block runs, once its port is open."""
+    out.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        storescp_command(port, out, *extra, aet=aet),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port("127.0.0.1", port)
+        yield out
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 class LegacyDevice:
     """A plaintext pynetdicom SCP (Verification, storage, C-FIND) that remembers what it saw."""
 

@@ -34,7 +34,7 @@ from tests.support import (
     free_port,
     make_dataset,
     running_proxy,
-    wait_port,
+    storescp_running,
     wait_until,
 )
 from tests.test_origination import data_set
@@ -74,22 +74,6 @@ def plaintext_config(route: dict[str, Any], **tables: Any) -> dict[str, Any]:
         "route": [route],
         **tables,
     }
-
-
-@contextmanager
-def dcmtk_storescp(port: int, out: Path, *extra: str) -> Iterator[Path]:
-    out.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), *extra, "-aet", "PACS", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port("127.0.0.1", port)
-        yield out
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def storescu(address: tuple[str, int], files: list[Path], *extra: str) -> None:
@@ -143,7 +127,7 @@ def test_tls_modality_to_plaintext_pacs_while_the_pacs_is_down(tmp_path: Path, p
         assert os.stat(spool).st_mode & 0o777 == 0o700
         failed = proxy.wait_for(event="forward-failed")
         assert "connection refused" in failed["cause"] and failed["next_attempt_in"] > 0
-        with dcmtk_storescp(port, tmp_path / "pacs") as received:
+        with storescp_running(port, tmp_path / "pacs", aet="PACS") as received:
             proxy.wait_for(event="forwarded", count=6)
             wait_until(lambda: not spooled(spool), what="an empty spool")
             assert_arrived(files, received)
@@ -169,7 +153,7 @@ def test_plaintext_modality_to_tls_pacs_while_the_pacs_is_down(tmp_path: Path, p
         assert len(spooled(spool)) == 4
         proxy.wait_for(event="forward-failed")
         tls = ["+tls", str(key), str(cert), "+cf", str(pki / "ca.pem")]
-        with dcmtk_storescp(port, tmp_path / "pacs", *tls) as received:
+        with storescp_running(port, tmp_path / "pacs", *tls, aet="PACS") as received:
             proxy.wait_for(event="forwarded", count=4)
             wait_until(lambda: not spooled(spool), what="an empty spool")
             assert_arrived(files, received)
@@ -187,7 +171,7 @@ def test_sigkill_after_success_loses_nothing(tmp_path: Path) -> None:
         proxy.proc.send_signal(signal.SIGKILL)
         proxy.proc.wait(TIMEOUT)
     assert len(spooled(spool)) == 5
-    with dcmtk_storescp(port, tmp_path / "pacs") as received:
+    with storescp_running(port, tmp_path / "pacs", aet="PACS") as received:
         with running_proxy(tmp_path, config) as again:
             again.wait_for(event="forwarded", count=5)
             wait_until(lambda: not spooled(spool), what="an empty spool")
@@ -323,17 +307,29 @@ def test_a_data_set_that_does_not_parse_gets_c000(tmp_path: Path) -> None:
 def test_full_disk_refuses_with_a700_and_other_routes_go_on(tmp_path: Path) -> None:
     """The spool on a 1 MiB tmpfs: an instance larger than the disk gets 0xA700, no file of it
     is left; a small one after it is stored; a relay route of the same proxy keeps working."""
-    small_disk = tmp_path / "small"
-    small_disk.mkdir()
+    with small_disk(tmp_path / "small") as disk:
+        full_disk_refuses_and_other_routes_go_on(tmp_path, disk / "spool")
+
+
+@contextmanager
+def small_disk(folder: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs at `folder` (skips the test where mounting is not allowed)."""
+    folder.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small_disk)],
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(folder)],
         capture_output=True,
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def full_disk_refuses_and_other_routes_go_on(tmp_path: Path, spool: Path) -> None:
     legacy = LegacyDevice("LEGACY")
     try:
-        spool = small_disk / "spool"
         routes = [
             sf_route(f"127.0.0.1:{free_port()}", spool, listeners=["legacy-in"]),
             {"called_ae": "CT", "upstream": legacy.address, "listeners": ["legacy-in"]},
@@ -355,7 +351,6 @@ def test_full_disk_refuses_with_a700_and_other_routes_go_on(tmp_path: Path) -> N
         assert legacy.stored[-1].SOPInstanceUID == big.SOPInstanceUID
     finally:
         legacy.close()
-        subprocess.run(["umount", "-l", str(small_disk)], check=False)
 
 
 def test_backoff_doubles_and_a_long_outage_still_delivers(tmp_path: Path) -> None:
@@ -375,7 +370,7 @@ def test_backoff_doubles_and_a_long_outage_still_delivers(tmp_path: Path) -> Non
         assert delays == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
         head = json.loads(sorted(spool.glob("*.json"))[0].read_text())
         assert head["attempts"] >= 7 and "connection refused" in head["last_error"]
-        with dcmtk_storescp(port, tmp_path / "pacs") as received:
+        with storescp_running(port, tmp_path / "pacs", aet="PACS") as received:
             proxy.wait_for(event="forwarded", count=2)
             wait_until(lambda: not spooled(spool), what="an empty spool")
             assert_arrived(files, received)
@@ -406,7 +401,7 @@ def test_readyz_and_metrics_show_the_spool(tmp_path: Path) -> None:
         assert status["spools"]["PACS"]["queued"] == 3
         page = urllib.request.urlopen(f"{base}/status", timeout=TIMEOUT).read().decode()
         assert "store-and-forward" in page
-        with dcmtk_storescp(port, tmp_path / "pacs"):
+        with storescp_running(port, tmp_path / "pacs", aet="PACS"):
             proxy.wait_for(event="forwarded", count=3)
             wait_until(lambda: not spooled(spool), what="an empty spool")
         text = urllib.request.urlopen(f"{base}/metrics", timeout=TIMEOUT).read().decode()

@@ -8,10 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +24,15 @@ from tests.support import (
     toml_dumps,
     wait_until,
 )
-from tests.test_store_and_forward import plaintext_config, pynetdicom_store, sf_route, spooled
+from tests.test_store_and_forward import (
+    plaintext_config,
+    pynetdicom_store,
+    sf_route,
+    small_disk,
+    spooled,
+)
 
 pytestmark = pytest.mark.dcmtk
-
-
-@contextmanager
-def small_disk(folder: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs at `folder` (skips the test where mounting is not allowed)."""
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(folder)],
-        capture_output=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def fill(disk: Path) -> Path:

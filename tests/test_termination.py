@@ -36,7 +36,7 @@ from tests.support import (
     make_dataset,
     proxy_config,
     running_proxy,
-    wait_port,
+    storescp_running,
     wait_until,
 )
 
@@ -126,19 +126,8 @@ def test_pynetdicom_echo_store_find(tmp_path: Path, pki: Path, legacy: LegacyDev
 def storescp(tmp_path: Path, *extra: str) -> Iterator[tuple[str, Path]]:
     """DCMTK storescp as the legacy device, storing into a folder; yields (address, folder)."""
     port = free_port()
-    out = tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(
-        [dcmtk("storescp"), *extra, "-aet", "LEGACY", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port("127.0.0.1", port)
+    with storescp_running(port, tmp_path / "received", *extra) as out:
         yield f"127.0.0.1:{port}", out
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def dcmtk_tls(pki: Path) -> list[str]:

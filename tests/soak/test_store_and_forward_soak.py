@@ -33,6 +33,7 @@ from tests.support import (
     make_dataset,
     proxy_config,
     running_proxy,
+    storescp_command,
     wait_port,
     wait_until,
 )
@@ -60,7 +61,7 @@ class Pacs:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", "PACS", "-od", str(self.out), str(self.port)],
+            storescp_command(self.port, self.out, aet="PACS"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
