@@ -251,12 +251,15 @@ class RouteForwarder:
             return route.upstream_called_ae
         return meta.called_ae or route.called_ae
 
+    def _parties(self, meta: Meta) -> tuple[str, str]:
+        """The Calling and Called AE an instance is forwarded with: one pair per association."""
+        return meta.calling_ae, self._called_ae(meta)
+
     def _choose(self, queued: list[Meta]) -> list[Meta]:
         """The oldest instance and those after it that share its Calling and Called AE (one
         association has one of each), as many as fit in one association."""
-        first = queued[0]
-        key = (first.calling_ae, self._called_ae(first))
-        same = [m for m in queued if (m.calling_ae, self._called_ae(m)) == key]
+        key = self._parties(queued[0])
+        same = [m for m in queued if self._parties(m) == key]
         kinds = [(m.sop_class, m.transfer_syntax) for m in same]
         return same[: forwarding.batch(kinds, self.route.forward_batch)]
 
@@ -377,14 +380,14 @@ class RouteForwarder:
         Oldest first holds: once the oldest queued instance does not fit, the association ends
         and the next one is opened for it. A modality sending a study while the upstream is up
         is so forwarded in a few associations, not one per instance."""
-        key = (first.calling_ae, self._called_ae(first))
+        key = self._parties(first)
         with trio.move_on_after(LINGER):
             while not self.proxy.stopping:
                 queued = await trio.to_thread.run_sync(self.spool.queued, limit)
                 fit = []
                 for meta in queued:
                     kind = (meta.sop_class, meta.transfer_syntax)
-                    if (meta.calling_ae, self._called_ae(meta)) != key or kind not in proposal.ids:
+                    if self._parties(meta) != key or kind not in proposal.ids:
                         break
                     fit.append(meta)
                 if fit or queued:
