@@ -398,7 +398,10 @@ def format_echo(result: EchoResult, endpoint: object, called_ae: str, calling_ae
         lines.append(f"what to do: {result.advice}")
     if result.tls is not None:
         t = result.tls
-        lines.append(f"TLS: {t.version}, {t.cipher} ({t.bits} bits; {t.encryption}, {t.mac})")
+        group = f"; key exchange {t.group}" if t.group else ""
+        lines.append(
+            f"TLS: {t.version}, {t.cipher} ({t.bits} bits; {t.encryption}, {t.mac}{group})"
+        )
     if result.certificate is not None:
         d = policy.describe(result.certificate)
         lines.append("server certificate:")

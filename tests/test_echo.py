@@ -199,6 +199,7 @@ def test_success(request: pytest.FixtureRequest, server: str, called_ae: str, tr
     assert result.returncode == 0, out + result.stderr
     assert f"C-ECHO ECHOSCU -> {called_ae} at {target.address}: success (status 0x0000)" in out
     assert re.search(r"^TLS: TLSv1\.[23], [A-Z0-9_-]+ \(\d+ bits", out, re.M), out
+    assert re.search(r"; key exchange (X25519MLKEM768|x25519|X25519|secp256r1)\)$", out, re.M), out
     assert target.certificate is not None
     cert = certificate_of(target.certificate)
     der = cert.public_bytes(Encoding.DER)

@@ -49,6 +49,7 @@ LOG_FIELDS = {
     "cipher",
     "encryption",
     "mac",
+    "tls_group",
     "resumed",
     "peer_subject",
     "peer_sha256",
@@ -112,6 +113,7 @@ def test_pynetdicom_echo_store_find(tmp_path: Path, pki: Path, legacy: LegacyDev
     assert line["outcome"] == "completed" and line["reason"] == "released"
     assert set(line) >= LOG_FIELDS
     assert line["tls_version"] in ("TLSv1.3", "TLSv1.2")
+    assert line["tls_group"].lower() in ("x25519mlkem768", "x25519", "secp256r1")  # the client's
     assert line["peer_subject"] == "CN=dicom-client"
     assert line["peer_sha256"].startswith("sha256:") and len(line["peer_sha256"]) == 71
     assert line["calling_ae"] == "TEST_SCU"

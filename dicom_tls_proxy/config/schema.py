@@ -34,6 +34,34 @@ Profile = Literal["bcp195", "tls13", "legacy"]
 VERIFY_MODES: tuple[VerifyMode, ...] = ("chain", "thumbprint", "chain+thumbprint", "none")
 PEER_CERTIFICATE_MODES: tuple[PeerCertificateMode, ...] = ("required", "optional", "none")
 PROFILES: tuple[Profile, ...] = ("bcp195", "tls13", "legacy")
+# The key exchange groups `groups` may name (OpenSSL's names, any case; P-256, P-384 and P-521
+# stand for the secp curves): the hybrid and pure ML-KEM groups, the curves of BCP 195 and RFC
+# 8446, and the RFC 7919 finite-field groups. Smaller curves are not offered.
+TLS_GROUPS = (
+    "X25519MLKEM768",
+    "SecP256r1MLKEM768",
+    "SecP384r1MLKEM1024",
+    "MLKEM512",
+    "MLKEM768",
+    "MLKEM1024",
+    "X25519",
+    "X448",
+    "secp256r1",
+    "secp384r1",
+    "secp521r1",
+    "P-256",
+    "P-384",
+    "P-521",
+    "prime256v1",
+    "brainpoolP256r1tls13",
+    "brainpoolP384r1tls13",
+    "brainpoolP512r1tls13",
+    "ffdhe2048",
+    "ffdhe3072",
+    "ffdhe4096",
+    "ffdhe6144",
+    "ffdhe8192",
+)
 RouteMode = Literal["relay", "store-and-forward"]
 ROUTE_MODES: tuple[RouteMode, ...] = ("relay", "store-and-forward")
 LOG_FORMATS = ("text", "json")
@@ -119,6 +147,7 @@ class TlsTable:
     tls13_ciphersuites: str = ""
     server_name: str = ""
     session_tickets: bool = True  # resumption: tickets issued (listener), sessions kept (upstream)
+    groups: str = ""  # key exchange groups, OpenSSL's list syntax; "": OpenSSL's default
     identity: certload.Identity | None = field(repr=False, default=None)
     ca_certificates: tuple[x509.Certificate, ...] = field(repr=False, default=())
     crls: tuple[x509.CertificateRevocationList, ...] = field(repr=False, default=())

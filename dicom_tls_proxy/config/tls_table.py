@@ -27,6 +27,7 @@ from dicom_tls_proxy.config.reader import Reader, one_of
 from dicom_tls_proxy.config.schema import (
     PEER_CERTIFICATE_MODES,
     PROFILES,
+    TLS_GROUPS,
     VERIFY_MODES,
     TlsTable,
 )
@@ -49,6 +50,7 @@ _TLS_KEYS = {
     "tls13_ciphersuites",
     "server_name",
     "session_tickets",
+    "groups",
 }
 
 
@@ -65,6 +67,28 @@ def _openssl_list(setter: str) -> Callable[[str], str]:
         return value
 
     return check
+
+
+_KNOWN_GROUPS = {name.lower() for name in TLS_GROUPS}
+MAX_KEY_SHARES = 4  # OpenSSL's most in one ClientHello
+
+
+def _groups(value: str) -> str:
+    """OpenSSL's group list ("X25519MLKEM768:X25519:P-256", preference order; a `*` prefix asks
+    for a key share, `/` separates groups of equal preference), every name one of `TLS_GROUPS`:
+    a typo or a weak curve is a config error at `check`, not a failure when the proxy starts (a
+    test holds `TLS_GROUPS` to what the installed OpenSSL accepts)."""
+    if not value:
+        return value
+    if value.count("*") > MAX_KEY_SHARES:
+        raise ValueError(f"{value!r} asks for more than {MAX_KEY_SHARES} key shares (*)")
+    for chunk in value.split("/"):
+        for part in chunk.split(":"):
+            name = part.strip().lstrip("*?")
+            if name.lower() not in _KNOWN_GROUPS:
+                known = ", ".join(TLS_GROUPS)
+                raise ValueError(f"unknown or refused group {name!r} in {value!r}; known: {known}")
+    return value
 
 
 def _password(r: Reader, d: dict[str, Any], key: str) -> tuple[bytes | None, str]:
@@ -116,6 +140,7 @@ def tls_table(r: Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTabl
     tls13 = r.value(d, key, "tls13_ciphersuites", str, base.tls13_ciphersuites, suites)
     server_name = r.value(d, key, "server_name", str, base.server_name)
     session_tickets = r.value(d, key, "session_tickets", bool, base.session_tickets)
+    groups = r.value(d, key, "groups", str, base.groups, _groups)
 
     if private_key is not None and certificate is None:
         r.error(f"{key}.certificate", "private_key is given but certificate is missing")
@@ -210,6 +235,7 @@ def tls_table(r: Reader, name: str, d: dict[str, Any], now: datetime) -> TlsTabl
         tls13_ciphersuites=tls13,
         server_name=server_name,
         session_tickets=session_tickets,
+        groups=groups,
         identity=identity,
         ca_certificates=tuple(ca_certs),
         crls=tuple(crls),

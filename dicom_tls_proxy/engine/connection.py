@@ -223,7 +223,7 @@ class Connection:
         record.handshake_done()
         info = tstream.info()
         record.tls_version, record.cipher = info.version, info.cipher
-        record.encryption, record.mac = info.encryption, info.mac
+        record.encryption, record.mac, record.tls_group = info.encryption, info.mac, info.group
         record.resumed = info.resumed
         if info.certificate is not None:
             d = policy.describe(info.certificate)

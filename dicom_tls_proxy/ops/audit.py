@@ -39,6 +39,7 @@ class AssociationRecord:
     cipher: str = ""
     encryption: str = ""
     mac: str = ""
+    tls_group: str = ""  # the key exchange group (X25519MLKEM768: post-quantum hybrid)
     resumed: bool = False  # the client's TLS session was resumed (no certificate exchanged)
     peer_subject: str = ""
     peer_sha256: str = ""

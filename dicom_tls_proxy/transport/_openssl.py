@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import cryptography
 import OpenSSL
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 Which = Literal["private", "public"]
@@ -291,6 +292,51 @@ def _public_verify_error_text(errnum: int) -> str:
 
 def _public_session_reused(conn: SSL.Connection) -> bool | None:
     return None  # pyOpenSSL has no public word for it: `tlscontext.handshake_completed` infers it
+
+
+# -- key exchange groups (not on the hot path: whichever names are there) -----------------------
+
+
+def _set_groups_private(handle: Any, setter: str, groups: str) -> None:
+    if getattr(_lib, setter)(handle, groups.encode()) != 1:
+        _lib.ERR_clear_error()
+        raise ValueError(
+            f"the OpenSSL of cryptography {INSTALLED['cryptography']} refuses {groups!r}"
+        )
+
+
+_CURVES = {
+    name: curve
+    for names, curve in (
+        (("p-256", "secp256r1", "prime256v1"), ec.SECP256R1()),
+        (("p-384", "secp384r1"), ec.SECP384R1()),
+        (("p-521", "secp521r1"), ec.SECP521R1()),
+    )
+    for name in names
+}
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> None:
+    """OpenSSL's group list `groups` for every connection of `ctx` (SSL_CTX_set1_groups_list,
+    which the bindings call `SSL_CTX_set1_curves_list`). pyOpenSSL's public twin,
+    `set_tmp_ecdh`, takes one elliptic curve: without the private name, only that works; any
+    other list raises ValueError rather than be ignored."""
+    if _lib is not None and hasattr(_lib, "SSL_CTX_set1_curves_list"):
+        _set_groups_private(ctx._context, "SSL_CTX_set1_curves_list", groups)
+        return
+    curve = _CURVES.get(groups.strip().lstrip("*").lower())
+    if curve is None:
+        raise ValueError(f"groups {groups!r}: these pyOpenSSL bindings set one NIST curve only")
+    ctx.set_tmp_ecdh(curve)
+
+
+def lead_with(conn: SSL.Connection, groups: str) -> bool:
+    """`groups` for this connection only (SSL_set1_groups_list), the first one getting the key
+    share; False, and nothing changed, where the bindings cannot (the context's list stays)."""
+    if _lib is None or not hasattr(_lib, "SSL_set1_curves_list"):
+        return False
+    _set_groups_private(conn._ssl, "SSL_set1_curves_list", groups)
+    return True
 
 
 # -- which path -------------------------------------------------------------------------------

@@ -29,11 +29,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from dicom_tls_proxy.config.schema import TlsTable
+from dicom_tls_proxy.transport import _openssl
 from dicom_tls_proxy.transport._openssl import INSTALLED
 
 ROTATE_AFTER = 3600.0  # seconds a listener's ticket keys are used; also the tickets' lifetime
@@ -48,45 +50,106 @@ TICKET_KEYS = (
 Key = tuple[str, str]  # (upstream "host:port", server name)
 
 
-class ClientSessions:
-    """The last good session with each upstream, for one client context (see `attach`)."""
+# OpenSSL's default group list as a client (cryptography 50's OpenSSL 4.0): key shares for the
+# first two, X25519MLKEM768 and X25519, the rest named in supported_groups. A group an upstream
+# chose is moved to its front (`leading`); the others stay, in this order.
+DEFAULT_GROUPS = (
+    "X25519MLKEM768",
+    "SecP256r1MLKEM768",
+    "SecP384r1MLKEM1024",
+    "X25519",
+    "secp256r1",
+    "X448",
+    "secp384r1",
+    "secp521r1",
+    "ffdhe2048",
+    "ffdhe3072",
+)
+SHARED_BY_DEFAULT = frozenset(("x25519mlkem768", "x25519"))  # as OpenSSL names them, lower case
 
-    def __init__(self, limit: int = MAX_UPSTREAMS) -> None:
+
+def leading(group: str) -> str:
+    """The group list that sends `group`'s key share alone and names every default group after
+    it, so that a server that changed its mind can still ask for another (HelloRetryRequest)."""
+    rest = (g for g in DEFAULT_GROUPS if g.lower() != group.lower())
+    return ":".join((group, *rest))
+
+
+class ClientSessions:
+    """What the proxy remembers of each upstream, for one client context (see `attach`): the
+    last good session (when the table keeps sessions) and, in TLS 1.3, the key exchange group
+    the upstream chose. OpenSSL's client sends key shares for X25519MLKEM768 and X25519; a
+    server that takes neither (DCMTK's BCP 195 profile takes P-256) answers with a
+    HelloRetryRequest, and every association pays a round trip and a second ClientHello. The
+    next handshake with that upstream offers its group's share first and lists the others after
+    it: nothing is dropped (a server that speaks the hybrid group still sees it offered), and the
+    group was learnt from a handshake whose transcript the server signed, so an attacker cannot
+    steer it. Tables with their own `groups` keep their list as written."""
+
+    def __init__(
+        self, limit: int = MAX_UPSTREAMS, *, keep_sessions: bool = True, learn_groups: bool = True
+    ) -> None:
         self._limit = limit
+        self._keep_sessions = keep_sessions
+        self._learn_groups = learn_groups
         self._sessions: dict[Key, SSL.Session] = {}
+        self._groups: dict[Key, str] = {}
 
     def offer(self, conn: SSL.Connection, key: Key) -> None:
-        """Before the handshake: offer the session kept for `key`, if any."""
+        """Before the handshake: the session kept for `key`, and its group's key share first."""
         session = self._sessions.get(key)
         if session is not None:
             conn.set_session(session)
+        group = self._groups.get(key)
+        if group is not None:
+            _openssl.lead_with(conn, leading(group))
+
+    def learn(self, conn: SSL.Connection, key: Key) -> None:
+        """After a verified handshake: the group the upstream chose, if not one that OpenSSL
+        sends a key share for anyway."""
+        if not self._learn_groups or conn.get_protocol_version_name() != "TLSv1.3":
+            return
+        group = conn.get_group_name()
+        self._groups.pop(key, None)
+        if group and group.lower() not in SHARED_BY_DEFAULT:
+            self._groups[key] = group
+            _bound(self._groups, self._limit)
 
     def keep(self, conn: SSL.Connection, key: Key) -> None:
         """After the peer's first data (TLS 1.3 tickets come after the handshake): the newest
         session of `conn` replaces the one kept for `key`."""
+        if not self._keep_sessions:
+            return
         session = conn.get_session()
         if session is None:
             return
         self._sessions.pop(key, None)
         self._sessions[key] = session
-        while len(self._sessions) > self._limit:  # the least recently kept goes first
-            del self._sessions[next(iter(self._sessions))]
+        _bound(self._sessions, self._limit)
 
     def forget(self, key: Key) -> None:
-        """A handshake with `key` failed: its session is not offered again."""
+        """A handshake with `key` failed: neither its session nor its group is offered again."""
         self._sessions.pop(key, None)
+        self._groups.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
 
-def attach(ctx: SSL.Context) -> None:
-    """Give a client context its own session cache (it dies with the context)."""
-    ctx.set_app_data(ClientSessions())
+def _bound(kept: dict[Key, Any], limit: int) -> None:
+    while len(kept) > limit:  # the least recently kept goes first
+        del kept[next(iter(kept))]
+
+
+def attach(ctx: SSL.Context, table: TlsTable) -> None:
+    """Give a client context its own memory of upstreams (it dies with the context)."""
+    ctx.set_app_data(
+        ClientSessions(keep_sessions=table.session_tickets, learn_groups=not table.groups)
+    )
 
 
 def sessions_of(ctx: SSL.Context) -> ClientSessions | None:
-    """The context's session cache; None when the table has `session_tickets = false`."""
+    """The context's memory of upstreams; None for a context `attach` was not given."""
     found = ctx.get_app_data()
     return found if isinstance(found, ClientSessions) else None
 

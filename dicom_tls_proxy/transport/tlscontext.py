@@ -33,7 +33,7 @@ from dicom_tls_proxy.protocol.vocabulary import Reason
 from dicom_tls_proxy.security import certnames, policy
 from dicom_tls_proxy.security.auth import PeerIdentity
 from dicom_tls_proxy.security.thumbprint import matches_any
-from dicom_tls_proxy.transport import sessions
+from dicom_tls_proxy.transport import _openssl, sessions
 
 Purpose = Literal["client", "server"]
 
@@ -209,6 +209,8 @@ def _apply_profile(ctx: SSL.Context, table: TlsTable) -> None:
     ctx.set_cipher_list(ciphers)
     if table.tls13_ciphersuites:
         ctx.set_tls13_ciphersuites(table.tls13_ciphersuites.encode())
+    if table.groups:
+        _openssl.set_groups(ctx, table.groups)
 
 
 def _load_trust(ctx: SSL.Context, table: TlsTable) -> None:
@@ -264,11 +266,10 @@ def client_context(table: TlsTable) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     _apply_profile(ctx, table)
     # Sessions are kept by `sessions.ClientSessions` (`TlsStream.connect` offers and keeps them),
-    # not by OpenSSL's client cache.
+    # not by OpenSSL's client cache; it also remembers the group each upstream chose.
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    if table.session_tickets:
-        sessions.attach(ctx)
-    else:
+    sessions.attach(ctx, table)
+    if not table.session_tickets:
         ctx.set_options(SSL.OP_NO_TICKET)
     _use_identity(ctx, table)
     _load_trust(ctx, table)
@@ -361,6 +362,7 @@ class TlsInfo:
     identity: PeerIdentity
     warnings: tuple[str, ...]
     resumed: bool = False
+    group: str = ""  # the key exchange group; "" for TLS 1.2 without (EC)DHE or when unknown
 
 
 def negotiated(conn: SSL.Connection, v: Verification) -> TlsInfo:
@@ -384,6 +386,7 @@ def negotiated(conn: SSL.Connection, v: Verification) -> TlsInfo:
         identity=identity,
         warnings=tuple(dict.fromkeys(v.warnings)),  # OpenSSL and policy may both report it
         resumed=v.resumed,
+        group=conn.get_group_name() or "",
     )
 
 

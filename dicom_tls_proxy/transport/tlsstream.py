@@ -111,7 +111,8 @@ class TlsStream:
         """Client side handshake; `server_name` is checked against the certificate, sent as SNI.
         Over a `LeanStream` (the proxy's upstream connections) OpenSSL reads and writes the socket
         itself: see `SocketTlsStream`. With `upstream` ("host:port") the session last made with
-        it (and `server_name`) through `ctx` is resumed, and this one kept in its place."""
+        it (and `server_name`) through `ctx` is resumed, and this one kept in its place, and the
+        key exchange group it chose last time gets the key share (`sessions.ClientSessions`)."""
         v = Verification(
             table, "server", server_name=server_name, error_text=_openssl.verify_error_text
         )
@@ -134,6 +135,7 @@ class TlsStream:
         except BaseException:
             cache.forget(key)
             raise
+        cache.learn(conn, key)
         stream._keep_session = lambda: cache.keep(conn, key)
         return stream
 
