@@ -200,6 +200,17 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
+def io_bytes(pid: int) -> dict[str, int]:
+    """/proc/PID/io: `rchar` and `wchar`, the bytes the process read and wrote through
+    system calls (sockets and files alike)."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("rchar", "wchar"):
+            values[key] = int(rest)
+    return values
+
+
 def machine_cpu() -> tuple[float, float]:
     """CPU seconds since boot, all cores: (busy in user and system mode, stolen by the host)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]

@@ -1,6 +1,6 @@
 """Benchmark dicom-tls-proxy against plaintext, stunnel and HAProxy, side by side, in one run.
 
-    python benchmarks/run.py [--quick] [--runs N] [--workloads W1,W2,W3,W4] [--out DIR]
+    python benchmarks/run.py [--quick] [--runs N] [--workloads W1,W2,W2R,W3,W4] [--out DIR]
                              [--operations] [--workers 1,2] [--callgrind]
 
 For each workload, each round measures every setup in turn (direct, proxy-term, stunnel-term,
@@ -33,7 +33,17 @@ import report
 import setups
 import workloads
 from setups import Pki, Setup, Tools
-from workloads import FULL, PDU_SIZE, QUICK, WORKLOADS, Data, Run, Sizes
+from workloads import (
+    DEFAULT_WORKLOADS,
+    FULL,
+    PDU_SIZE,
+    QUICK,
+    RESUMING,
+    WORKLOADS,
+    Data,
+    Run,
+    Sizes,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -43,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny inputs, 1 run (smoke test)")
     parser.add_argument("--runs", type=int, help="rounds per workload (default 3; 1 with --quick)")
     parser.add_argument(
-        "--workloads", default=",".join(WORKLOADS), help="comma-separated subset of W1,W2,W3,W4"
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all but W2R)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     parser.add_argument(
@@ -132,7 +144,9 @@ def measure_one(
     try:
         with (
             procs.foreign_load(other_load),
-            setups.running(setup, upstream, tools, pki, folder) as endpoint,
+            setups.running(
+                setup, upstream, tools, pki, folder, resumption=workload in RESUMING
+            ) as endpoint,
         ):
             workloads.measure(workload, endpoint, tools, pki, data, sizes, run, profile)
     except procs.BenchmarkError as exc:

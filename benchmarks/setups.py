@@ -16,6 +16,11 @@ On request (`run.py --operations`, `--workers 1,2`), variants of the two proxy s
 
     proxy-term-ops, proxy-orig-ops   the same config plus [audit] file and [metrics] bind
     proxy-term-wN,  proxy-orig-wN    the same config with [proxy] workers = N
+
+W2R (`resumption`): the same setups, every middlebox resuming its TLS sessions towards the
+device too (the proxy's upstream `session_tickets = true`, stunnel's `sessionResume = yes`,
+HAProxy without `no-ssl-reuse`); towards clients all three resume whenever a client offers a
+session (their defaults), in every workload.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ OPERATIONS_WORKLOADS = ("W1", "W3")  # where the -ops setups run (the issue's ac
 # where the -wN setups run: concurrent associations (W3), and the cost of one association (W2),
 # which a supervisor that kills its workers every 10 s once multiplied by 2.6
 WORKERS_WORKLOADS = ("W2", "W3")
+# without `direct`: W4 measures a middlebox, W2R's direct run would be W2's (no TLS to resume)
+MIDDLEBOX_WORKLOADS = ("W2R", "W4")
 
 
 def operations_setups() -> list[Setup]:
@@ -135,9 +142,9 @@ def chosen_setups(
 
 
 def applies(workload: str, setup: Setup) -> bool:
-    """W4 measures what a middlebox keeps per association; direct has no middlebox. The -ops
-    setups run in W1 and W3, the -wN setups in W3."""
-    if workload == "W4" and setup.middlebox is None:
+    """W4 measures what a middlebox keeps per association, W2R what resuming saves a middlebox;
+    direct has no middlebox. The -ops setups run in W1 and W3, the -wN setups in W2 and W3."""
+    if workload in MIDDLEBOX_WORKLOADS and setup.middlebox is None:
         return False
     if setup.operations and workload not in OPERATIONS_WORKLOADS:
         return False
@@ -246,6 +253,7 @@ class Endpoint:
     device_port: int  # where the device listens (W4's acceptor binds it itself)
     audit: Path | None = None  # the proxy's audit file (the -ops setups)
     metrics_port: int | None = None  # the proxy's /metrics (the -ops setups)
+    device_pid: int | None = None  # storescp (None when `external`)
 
     def dcmtk(self, tool: str, *args: str) -> list[str]:
         return [
@@ -265,11 +273,17 @@ class Endpoint:
 
 
 def proxy_config(
-    pki: Pki, ports: Ports, setup: Setup | None = None, work: Path | None = None
+    pki: Pki,
+    ports: Ports,
+    setup: Setup | None = None,
+    work: Path | None = None,
+    resumption: bool = False,
 ) -> str:
     """Two listeners and two routes, like a gateway in production: access checks on, log_level
     info, limits high enough for W4's 500 idle associations. With `setup.workers` > 1, that many
-    workers; with `setup.operations`, an audit file in `work` and a metrics server."""
+    workers; with `setup.operations`, an audit file in `work` and a metrics server. The listener
+    issues session tickets (the default); with `resumption` (W2R) the proxy also resumes its
+    sessions with the upstream."""
     q = json.dumps
     workers = f"workers = {setup.workers}\n" if setup and setup.workers != 1 else ""
     operations = ""
@@ -303,9 +317,9 @@ private_key = {q(str(pki.key("client")))}
 ca = {q(str(pki.ca))}
 server_name = "localhost"
 profile = "tls13"
-# No resumption towards the upstream, as stunnel's `sessionResume = no` and HAProxy's
-# `no-ssl-reuse`: W2 compares full handshakes on both sides (issue 16).
-session_tickets = false
+# W2 (false): no resumption towards the upstream, as stunnel's `sessionResume = no` and
+# HAProxy's `no-ssl-reuse`: full handshakes on both sides. W2R (true): all three resume (issue 16).
+session_tickets = {"true" if resumption else "false"}
 
 [[listener]]
 name = "tls-in"
@@ -336,8 +350,11 @@ allow_source = ["127.0.0.0/8"]
 """
 
 
-def stunnel_config(pki: Pki, ports: Ports, verify_level: str = "verifyChain") -> str:
-    """benchmarks/stunnel.conf with its placeholders filled in."""
+def stunnel_config(
+    pki: Pki, ports: Ports, verify_level: str = "verifyChain", resumption: bool = False
+) -> str:
+    """benchmarks/stunnel.conf with its placeholders filled in; with `resumption` (W2R) the
+    [origination] service resumes its sessions with the device (`sessionResume = yes`)."""
     template = string.Template(STUNNEL_TEMPLATE.read_text())
     return template.substitute(
         termination_port=ports.tls_in,
@@ -350,6 +367,7 @@ def stunnel_config(pki: Pki, ports: Ports, verify_level: str = "verifyChain") ->
         client_key=pki.key("client"),
         ca=pki.ca,
         verify_level=verify_level,
+        session_resume="yes" if resumption else "no",
     )
 
 
@@ -358,12 +376,14 @@ def stunnel_config(pki: Pki, ports: Ports, verify_level: str = "verifyChain") ->
 
 @contextmanager
 def running(
-    setup: Setup, upstream: Upstream, tools: Tools, pki: Pki, work: Path
+    setup: Setup, upstream: Upstream, tools: Tools, pki: Pki, work: Path, resumption: bool = False
 ) -> Iterator[Endpoint]:
-    """The device (unless `external`) and the middlebox, listening; both stopped on exit."""
+    """The device (unless `external`) and the middlebox, listening; both stopped on exit. With
+    `resumption` (W2R), the middlebox resumes its TLS sessions with the device."""
     ports = Ports.fresh()
     device_port = ports.tls_device if setup.upstream_tls else ports.device
     with ExitStack() as stack:
+        device = None
         if upstream != "external":
             argv = [tools.storescp, "--ignore", "-aet", setup.called_ae]
             if upstream == "storescp-fork":
@@ -371,7 +391,7 @@ def running(
             if setup.upstream_tls:
                 argv += pki.dcmtk_args("proxy")
             argv.append(str(device_port))
-            stack.enter_context(
+            device = stack.enter_context(
                 procs.started(
                     "storescp", argv, work / "storescp.log", port=device_port, env=DEVICE_ENV
                 )
@@ -381,7 +401,7 @@ def running(
             port = ports.tls_in if setup.direction == "termination" else ports.plain_in
             log = work / f"{setup.middlebox}.log"
             middlebox = stack.enter_context(
-                _start_middlebox(setup, tools, pki, ports, port, work, log)
+                _start_middlebox(setup, tools, pki, ports, port, work, log, resumption)
             )
         yield Endpoint(
             setup=setup,
@@ -393,12 +413,14 @@ def running(
             device_port=device_port,
             audit=work / "audit.jsonl" if setup.operations else None,
             metrics_port=ports.metrics if setup.operations else None,
+            device_pid=device.pid if device else None,
         )
 
 
-def haproxy_config(pki: Pki, ports: Ports, work: Path) -> str:
+def haproxy_config(pki: Pki, ports: Ports, work: Path, resumption: bool = False) -> str:
     """benchmarks/haproxy.cfg with its placeholders filled in; HAProxy reads the key from the
-    certificate's PEM, so each certificate and its key are written into one file in `work`."""
+    certificate's PEM, so each certificate and its key are written into one file in `work`.
+    Without `resumption`, `no-ssl-reuse` towards the device; with it (W2R), HAProxy's default."""
     pems = {}
     for who in ("proxy", "client"):
         pem = work / f"haproxy-{who}.pem"
@@ -414,27 +436,35 @@ def haproxy_config(pki: Pki, ports: Ports, work: Path) -> str:
         server_pem=pems["proxy"],
         client_pem=pems["client"],
         ca=pki.ca,
+        ssl_reuse="" if resumption else " no-ssl-reuse",
     )
 
 
 def _start_middlebox(
-    setup: Setup, tools: Tools, pki: Pki, ports: Ports, port: int, work: Path, log: Path
+    setup: Setup,
+    tools: Tools,
+    pki: Pki,
+    ports: Ports,
+    port: int,
+    work: Path,
+    log: Path,
+    resumption: bool,
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
     if setup.middlebox == "proxy":
         config = work / "proxy.toml"
-        config.write_text(proxy_config(pki, ports, setup, work))
+        config.write_text(proxy_config(pki, ports, setup, work, resumption))
         argv = [tools.python, "-m", "dicom_tls_proxy", "run", "-c", str(config)]
         return procs.started("proxy", argv, log, port=port, cwd=tools.proxy_source)
     if setup.middlebox == "haproxy":
         if tools.haproxy is None:
             raise procs.BenchmarkError("haproxy is not installed")
         config = work / "haproxy.cfg"
-        config.write_text(haproxy_config(pki, ports, work))
+        config.write_text(haproxy_config(pki, ports, work, resumption))
         return procs.started("haproxy", [tools.haproxy, "-db", "-f", str(config)], log, port=port)
     if tools.stunnel is None:
         raise procs.BenchmarkError("stunnel is not installed")
     config = work / "stunnel.conf"
-    config.write_text(stunnel_config(pki, ports))
+    config.write_text(stunnel_config(pki, ports, resumption=resumption))
     return procs.started("stunnel", [tools.stunnel, str(config)], log, port=port)
 
 

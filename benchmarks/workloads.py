@@ -1,9 +1,21 @@
-"""The four workloads, their test data, and one measurement of one workload on one setup.
+"""The workloads, their test data, and one measurement of one workload on one setup.
 
-    W1  one association, one 256 MiB instance         storescu           throughput, CPU/GB
-    W2  300 sequential C-ECHO associations            echoscu            CPU/association
-    W3  20 concurrent associations x 20 x 512 KiB     storescu (--fork)  throughput, CPU/GB, RSS
-    W4  500 idle associations, then 1 MiB each        idle_associations  memory/association
+    W1   one association, one 256 MiB instance        storescu           throughput, CPU/GB
+    W2   300 sequential C-ECHO associations           echoscu            CPU/association
+    W2R  W2 with TLS sessions resumed                 resuming_echo.py   CPU/association
+                                                      (termination), echoscu (origination)
+    W3   20 concurrent associations x 20 x 512 KiB    storescu (--fork)  throughput, CPU/GB, RSS
+    W4   500 idle associations, then 1 MiB each       idle_associations  memory/association
+
+W2R (issue 16: "a W2 variant whose clients resume") is chosen with --workloads; it is not in the
+default run. Termination: resuming_echo.py, one process making every association, each offering
+the session of the one before; it makes its first association (a full handshake) before the CPU
+is read, and counts how many of the measured ones resumed. Origination: echoscu as in W2, the
+middlebox resuming towards the device (setups.running's `resumption`); that it resumed is read
+from the device: a resumed TLS 1.3 handshake has no Certificate message, so storescp writes at
+least its certificate's length less than in the warm-up association, which is always a full
+handshake (/proc/PID/io, read around each association; DCMTK logs a resumed handshake as it
+logs a full one).
 
 Every measurement warms the middlebox up with one C-ECHO association first (a long-running proxy
 has done that long ago), waits until it is idle, reads its CPU time, runs the clients, waits until
@@ -22,14 +34,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import time
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import idle_associations
 import procs
+import resuming_echo
 from setups import CLIENT_ENV, Endpoint, Pki, Tools
 
 KIB = 1024
@@ -38,10 +53,14 @@ FRAME = 512 * KIB  # one 8-bit frame of 512 x 1024 pixels
 CLIENT_TIMEOUT = 900.0
 PDU_SIZE = 16384  # storescp's default maximum PDU (-pdu), so the size of every P-DATA it receives
 
-WORKLOADS = ("W1", "W2", "W3", "W4")
+WORKLOADS = ("W1", "W2", "W2R", "W3", "W4")
+DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4")  # W2R on request (its results are new in issue 16)
+RESUMING = ("W2R",)  # the middleboxes resume their sessions towards the device too
+ECHO_WORKLOADS = ("W2", "W2R")  # sequential C-ECHO associations: CPU per association
 DESCRIPTIONS = {
     "W1": "one association, one {w1} instance",
     "W2": "{w2} sequential C-ECHO associations",
+    "W2R": "{w2} sequential C-ECHO associations, TLS sessions resumed on both sides",
     "W3": "{w3c} concurrent associations x {w3f} x {w3s} instances",
     "W4": "{w4} idle associations, then {w4t} of P-DATA each",
 }
@@ -177,11 +196,23 @@ def measure(
             _measure_idle(endpoint, pki, sizes, run)
         return
     pid = endpoint.measured_pid
-    logged = _warm_up(endpoint, tools)
-    _check_audit(endpoint, logged)  # its batch written now, not during the workload
-    cpu_before = procs.wait_cpu_quiet(pid) if pid else None
-    with procs.py_spy(pid, profile, subprocesses=endpoint.setup.workers > 1):
-        _run_clients(workload, endpoint, tools, data, sizes, run)
+    with ExitStack() as stack:
+        device_before = _device_written(endpoint)
+        logged = _warm_up(endpoint, tools)
+        full_handshake = _device_written(endpoint) - device_before
+        _check_audit(endpoint, logged)  # its batch written now, not during the workload
+        client = None
+        if workload == "W2R" and endpoint.setup.client_tls:
+            client = stack.enter_context(
+                resuming_echo.primed(endpoint, pki, sizes.w2_echoes, CLIENT_TIMEOUT)
+            )
+            logged = wait_logged(endpoint, logged + 1)
+        cpu_before = procs.wait_cpu_quiet(pid) if pid else None
+        with procs.py_spy(pid, profile, subprocesses=endpoint.setup.workers > 1):
+            if workload == "W2R":
+                _resume(endpoint, tools, pki, sizes, run, client, full_handshake)
+            else:
+                _run_clients(workload, endpoint, tools, data, sizes, run)
     if pid is not None:
         logged = wait_logged(endpoint, logged + run.associations)
         # CPU is read at the same point for every setup. The checks below wait up to a second
@@ -222,6 +253,51 @@ def _run_clients(
         run.wall_s = procs.run_clients(argvs, CLIENT_ENV, CLIENT_TIMEOUT)
     else:
         raise ValueError(workload)
+
+
+def _resume(
+    endpoint: Endpoint,
+    tools: Tools,
+    pki: Pki,
+    sizes: Sizes,
+    run: Run,
+    client: resuming_echo.Primed | None,
+    full_handshake: int,
+) -> None:
+    """W2R: `sizes.w2_echoes` associations, by the primed resuming client (termination) or by
+    echoscu (origination, the device's bytes read around each one); `run.checks` gets the
+    associations and how many resumed. Fewer resumed than all but one per core (HAProxy keeps
+    one session per thread) fails the measurement: it would not be W2R."""
+    run.associations = sizes.w2_echoes
+    t0 = time.perf_counter()
+    if client is not None:
+        run.checks = client.go(CLIENT_TIMEOUT)
+        run.wall_s = time.perf_counter() - t0
+    else:
+        certificate = len(ssl.PEM_cert_to_DER_cert(pki.cert("proxy").read_text()))
+        resumed, elapsed = 0, 0.0
+        for _ in range(sizes.w2_echoes):
+            before, started = _device_written(endpoint), time.perf_counter()
+            echo(endpoint, tools)
+            elapsed += time.perf_counter() - started
+            resumed += _device_written(endpoint) - before <= full_handshake - certificate
+        run.wall_s = elapsed
+        run.checks = {
+            "associations": sizes.w2_echoes,
+            "resumed": resumed,
+            "device_bytes_full_handshake": full_handshake,
+        }
+    if run.checks["resumed"] < run.associations - (os.cpu_count() or 1):
+        raise procs.BenchmarkError(
+            f"W2R: {run.checks['resumed']} of {run.associations} associations resumed"
+        )
+
+
+def _device_written(endpoint: Endpoint) -> int:
+    """Bytes the device (storescp) has written; 0 without a device of ours or TLS towards it."""
+    if endpoint.device_pid is None or not endpoint.setup.upstream_tls:
+        return 0
+    return procs.io_bytes(endpoint.device_pid)["wchar"]
 
 
 def echo(endpoint: Endpoint, tools: Tools) -> None:
