@@ -13,7 +13,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-# py-spy raw frames: "receive_some (dicom_tls_proxy/transport/tlsstream.py:123)" or "SSL_read (libssl.so.3)"
+# py-spy raw frames: "receive_some (dicom_tls_proxy/transport/tlsstream.py:123)" or
+# "SSL_read (libssl.so.3)"
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
 
 
