@@ -226,18 +226,17 @@ async def close_all(associations: list[Association]) -> None:
 # -- the measurement ------------------------------------------------------------------------
 
 
-IDLE_SETTLE = 2.5  # seconds: a process may hand freed memory back on its own idle timer
-
-
-async def _rss_when_quiet(pid: int) -> int:
-    """RSS once the process is idle: no CPU for a moment, then IDLE_SETTLE more seconds (the
-    same for every middlebox measured)."""
+async def _rss_when_quiet(pid: int, settle: float) -> int:
+    """RSS once the process is idle: no CPU for a moment, then `settle` more seconds (a process
+    may hand freed memory back on its own idle timer; the same for every middlebox measured)."""
     await asyncio.to_thread(procs.wait_cpu_quiet, pid)
-    await asyncio.sleep(IDLE_SETTLE)
+    await asyncio.sleep(settle)
     return procs.memory_kib(pid)["VmRSS"]
 
 
-async def _measure(endpoint: Endpoint, pki: Pki, count: int, traffic: int) -> IdleReadings:
+async def _measure(
+    endpoint: Endpoint, pki: Pki, count: int, traffic: int, settle: float
+) -> IdleReadings:
     pid = endpoint.measured_pid
     assert pid is not None, "W4 measures a middlebox"
     client_tls = client_context(pki) if endpoint.setup.client_tls else None
@@ -249,20 +248,20 @@ async def _measure(endpoint: Endpoint, pki: Pki, count: int, traffic: int) -> Id
     async with server:
         await close_all([await associate(endpoint, client_tls)])  # warm-up
         await acceptor.wait_all_closed()
-        before = await _rss_when_quiet(pid)
+        before = await _rss_when_quiet(pid, settle)
         associations = await associate_all(endpoint, client_tls, count)
         try:
-            handshake = await _rss_when_quiet(pid)
+            handshake = await _rss_when_quiet(pid, settle)
             pdus = p_data_pdus(traffic)
             acceptor.expect(count * sum(map(len, pdus)))
             await send_traffic(associations, pdus, TRAFFIC_CONCURRENCY)
             await acceptor.wait_expected()
-            after_traffic = await _rss_when_quiet(pid)
+            after_traffic = await _rss_when_quiet(pid, settle)
         finally:
             await close_all(associations)
             await acceptor.wait_all_closed()
     return IdleReadings(count, traffic, before, handshake, after_traffic)
 
 
-def measure(endpoint: Endpoint, pki: Pki, count: int, traffic: int) -> IdleReadings:
-    return asyncio.run(_measure(endpoint, pki, count, traffic))
+def measure(endpoint: Endpoint, pki: Pki, count: int, traffic: int, settle: float) -> IdleReadings:
+    return asyncio.run(_measure(endpoint, pki, count, traffic, settle))

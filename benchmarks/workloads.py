@@ -75,6 +75,7 @@ class Sizes:
     w3_file_bytes: int
     w4_associations: int
     w4_traffic_bytes: int
+    w4_settle_s: float = 2.5  # W4: idle time before each RSS reading (idle_associations)
 
     def describe(self, workload: str) -> str:
         return DESCRIPTIONS[workload].format(
@@ -89,7 +90,7 @@ class Sizes:
 
 
 FULL = Sizes(256 * MIB, 300, 20, 20, 512 * KIB, 500, 1 * MIB)
-QUICK = Sizes(4 * MIB, 10, 2, 2, 512 * KIB, 20, 1 * MIB)
+QUICK = Sizes(4 * MIB, 10, 2, 2, 512 * KIB, 20, 1 * MIB, w4_settle_s=0.25)
 
 
 def _size(n: int) -> str:
@@ -112,6 +113,9 @@ class Run:
     checks: dict[str, int] = field(default_factory=dict)  # -ops: what the audit and /metrics held
     idle: dict[str, int] = field(default_factory=dict)  # W4's RSS readings, KiB
     machine: dict[str, float] = field(default_factory=dict)  # what other processes used meanwhile
+    # W1, W3: CPU seconds the whole machine (every process, this benchmark's own included) was
+    # busy while the clients ran: how much room was left for a faster middlebox
+    machine_busy_s: float | None = None
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -234,25 +238,34 @@ def measure(
 def _run_clients(
     workload: str, endpoint: Endpoint, tools: Tools, data: Data, sizes: Sizes, run: Run
 ) -> None:
-    if workload == "W1":
-        run.payload_bytes, run.associations = data.w1.stat().st_size, 1
-        run.wall_s = procs.run_clients(
-            [endpoint.dcmtk(tools.storescu, str(data.w1))], CLIENT_ENV, CLIENT_TIMEOUT
-        )
+    if workload in ("W1", "W3"):
+        busy = procs.machine_cpu()[0]
+        _run_data_clients(workload, endpoint, tools, data, sizes, run)
+        run.machine_busy_s = round(procs.machine_cpu()[0] - busy, 2)
     elif workload == "W2":
         run.associations = sizes.w2_echoes
         t0 = time.perf_counter()
         for _ in range(sizes.w2_echoes):
             echo(endpoint, tools)
         run.wall_s = time.perf_counter() - t0
-    elif workload == "W3":
+    else:
+        raise ValueError(workload)
+
+
+def _run_data_clients(
+    workload: str, endpoint: Endpoint, tools: Tools, data: Data, sizes: Sizes, run: Run
+) -> None:
+    if workload == "W1":
+        run.payload_bytes, run.associations = data.w1.stat().st_size, 1
+        run.wall_s = procs.run_clients(
+            [endpoint.dcmtk(tools.storescu, str(data.w1))], CLIENT_ENV, CLIENT_TIMEOUT
+        )
+    else:
         files = [str(p) for p in data.w3]
         run.payload_bytes = sizes.w3_clients * sum(p.stat().st_size for p in data.w3)
         run.associations = sizes.w3_clients
         argvs = [endpoint.dcmtk(tools.storescu, *files) for _ in range(sizes.w3_clients)]
         run.wall_s = procs.run_clients(argvs, CLIENT_ENV, CLIENT_TIMEOUT)
-    else:
-        raise ValueError(workload)
 
 
 def _resume(
@@ -379,7 +392,7 @@ def _scrape_metrics(endpoint: Endpoint, logged: int) -> int:
 def _measure_idle(endpoint: Endpoint, pki: Pki, sizes: Sizes, run: Run) -> None:
     assert endpoint.measured_pid is not None
     readings = idle_associations.measure(
-        endpoint, pki, sizes.w4_associations, sizes.w4_traffic_bytes
+        endpoint, pki, sizes.w4_associations, sizes.w4_traffic_bytes, sizes.w4_settle_s
     )
     run.associations = readings.associations
     run.payload_bytes = readings.associations * readings.traffic_bytes

@@ -24,10 +24,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURED = {  # what each workload is for (the columns of benchmarks/report.py)
-    "W1": {"throughput_mb_s", "cpu_s_per_gb", "peak_rss_mib"},
+    "W1": {"throughput_mb_s", "cpu_s_per_gb", "machine_busy_pct", "peak_rss_mib"},
     "W2": {"associations_per_s", "cpu_ms_per_assoc", "peak_rss_mib"},
     "W2R": {"associations_per_s", "cpu_ms_per_assoc", "resumed_pct", "peak_rss_mib"},
-    "W3": {"throughput_mb_s", "cpu_s_per_gb", "peak_rss_mib"},
+    "W3": {"throughput_mb_s", "cpu_s_per_gb", "machine_busy_pct", "peak_rss_mib"},
     "W4": {"idle_kib_handshake", "idle_kib_traffic", "peak_rss_mib"},
 }
 POSITIVE = {"throughput_mb_s", "associations_per_s", "peak_rss_mib"}
@@ -102,9 +102,10 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
     assert "machine: " in done.stdout and "proxy: OpenSSL" in done.stdout
     # workers = 2 against workers = 1, per association (issue 12's acceptance), judged
     assert {"termination-w2/w1", "origination-w2/w1"} <= set(data["ratios"]["W2"])
-    workers = [t for t in data["targets"] if t["target"].startswith("W2 CPU ms/assoc, workers")]
-    assert [t["direction"] for t in workers] == ["origination-w2/w1", "termination-w2/w1"]
-    assert all(t["value"] > 0 for t in workers)
+    for target in ("W2 CPU ms/assoc, workers", "W3 MB/s, workers = 2"):
+        workers = [t for t in data["targets"] if t["target"].startswith(target)]
+        assert [t["direction"] for t in workers] == ["origination-w2/w1", "termination-w2/w1"]
+        assert all(t["value"] > 0 for t in workers)
     resumed = [t for t in data["targets"] if t["target"].startswith("W2R CPU ms/assoc")]
     assert [t["direction"] for t in resumed] == ["termination", "origination"]
     assert [t["direction"] for t in data["targets"] if t["target"].startswith("operations on")] == [
