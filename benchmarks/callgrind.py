@@ -157,8 +157,11 @@ def _one_proxy(
     return counts
 
 
-def _start(stack: ExitStack, tools: Tools, pki: Pki, work: Path) -> dict[str, Endpoint]:
-    """Both devices (storescp and storescp +tls) and the proxy under callgrind, listening."""
+def _start(
+    stack: ExitStack, tools: Tools, pki: Pki, work: Path, *, resumption: bool = False
+) -> dict[str, Endpoint]:
+    """Both devices (storescp and storescp +tls) and the proxy under callgrind, listening; with
+    `resumption`, W2R's config (the proxy resumes its sessions with the TLS device)."""
     ports = Ports.fresh()
     for setup_name, port in (("proxy-term", ports.device), ("proxy-orig", ports.tls_device)):
         setup = next(s for s in setups.SETUPS if s.name == setup_name)
@@ -169,7 +172,7 @@ def _start(stack: ExitStack, tools: Tools, pki: Pki, work: Path) -> dict[str, En
         log = work / f"storescp-{setup.direction}.log"
         stack.enter_context(procs.started("storescp", argv, log, port=port, env=setups.DEVICE_ENV))
     config = work / "proxy.toml"
-    config.write_text(setups.proxy_config(pki, ports))
+    config.write_text(setups.proxy_config(pki, ports, resumption=resumption))
     log = work / "proxy.log"
     argv = [
         "valgrind",
