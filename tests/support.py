@@ -399,6 +399,38 @@ def pacs_ssl_context(pki: Path) -> Any:
     return ctx
 
 
+def tls_origination_config(upstream: str, pki: Path, **table: Any) -> dict[str, Any]:
+    """A proxy whose plaintext listener "in" routes Called AE PACS to the TLS `upstream` with
+    `tls_out` (plus `table`'s keys) as [tls.pacs]; JSON log lines."""
+    return {
+        "proxy": {"log_format": "json"},
+        "tls": {"pacs": {**tls_out(pki), **table}},
+        "listener": [{"name": "in", "bind": "127.0.0.1:0"}],
+        "route": [
+            {
+                "called_ae": "PACS",
+                "upstream": upstream,
+                "upstream_tls": "pacs",
+                "listeners": ["in"],
+            }
+        ],
+    }
+
+
+def plaintext_association(address: tuple[str, int]) -> bytes:
+    """One plaintext association to Called AE PACS: the answer to its RQ, released if it was
+    an A-ASSOCIATE-AC."""
+    from dicom_tls_proxy.protocol import pdu
+
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(build_rq("PACS"))
+        answer = recv_pdu(sock)
+        if answer[0] == pdu.A_ASSOCIATE_AC:
+            sock.sendall(pdu.encode_release_rq())
+            recv_pdu(sock)
+        return answer
+
+
 def tls_out(pki: Path) -> dict[str, Any]:
     """The proxy's client table towards `pacs_ssl_context`: its client certificate, the test CA,
     and the name in proxy.pem."""

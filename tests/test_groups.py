@@ -23,16 +23,14 @@ from dicom_tls_proxy.config.schema import TLS_GROUPS
 from dicom_tls_proxy.protocol import pdu
 from dicom_tls_proxy.transport import _openssl, sessions
 from tests.support import (
-    TIMEOUT,
     ScriptedUpstream,
     build_ac,
-    build_rq,
     pacs_ssl_context,
+    plaintext_association,
     proxy_config,
-    recv_pdu,
     running_proxy,
     tls_in,
-    tls_out,
+    tls_origination_config,
     toml_dumps,
 )
 
@@ -103,42 +101,16 @@ class OneGroupPacs(ScriptedUpstream):
         conn.sendall(pdu.encode_release_rp())
 
 
-def associate(address: tuple[str, int]) -> bytes:
-    with socket.create_connection(address, timeout=TIMEOUT) as sock:
-        sock.sendall(build_rq("PACS"))
-        answer = recv_pdu(sock)
-        if answer[0] == pdu.A_ASSOCIATE_AC:
-            sock.sendall(pdu.encode_release_rq())
-            recv_pdu(sock)
-        return answer
-
-
-def origination(pacs: OneGroupPacs, pki: Path, **table: Any) -> dict[str, Any]:
-    return {
-        "proxy": {"log_format": "json"},
-        "tls": {"pacs": {**tls_out(pki), **table}},
-        "listener": [{"name": "in", "bind": "127.0.0.1:0"}],
-        "route": [
-            {
-                "called_ae": "PACS",
-                "upstream": pacs.address,
-                "upstream_tls": "pacs",
-                "listeners": ["in"],
-            }
-        ],
-    }
-
-
 @pytest.mark.parametrize("tickets", [True, False])
 def test_the_proxy_learns_the_group_its_upstream_chose(
     tmp_path: Path, pki: Path, tickets: bool
 ) -> None:
     pacs = OneGroupPacs(pki)
     try:
-        config = origination(pacs, pki, session_tickets=tickets)
+        config = tls_origination_config(pacs.address, pki, session_tickets=tickets)
         with running_proxy(tmp_path, config) as proxy:
             for _ in range(3):
-                assert associate(proxy.address("in"))[0] == pdu.A_ASSOCIATE_AC
+                assert plaintext_association(proxy.address("in"))[0] == pdu.A_ASSOCIATE_AC
         assert pacs.hellos == [2, 1, 1], pacs.hellos  # a HelloRetryRequest the first time only
         assert not pacs.errors, pacs.errors
     finally:
@@ -150,11 +122,15 @@ def test_groups_key_is_what_the_proxy_offers(tmp_path: Path, pki: Path) -> None:
     fails (the route's answer is a refusal), so the key reached OpenSSL."""
     refusing, pacs = OneGroupPacs(pki), OneGroupPacs(pki)
     try:
-        with running_proxy(tmp_path, origination(refusing, pki, groups="P-384")) as proxy:
-            assert associate(proxy.address("in"))[0] != pdu.A_ASSOCIATE_AC
-        with running_proxy(tmp_path, origination(pacs, pki, groups="P-384:P-256")) as proxy:
+        with running_proxy(
+            tmp_path, tls_origination_config(refusing.address, pki, groups="P-384")
+        ) as proxy:
+            assert plaintext_association(proxy.address("in"))[0] != pdu.A_ASSOCIATE_AC
+        with running_proxy(
+            tmp_path, tls_origination_config(pacs.address, pki, groups="P-384:P-256")
+        ) as proxy:
             for _ in range(2):
-                assert associate(proxy.address("in"))[0] == pdu.A_ASSOCIATE_AC
+                assert plaintext_association(proxy.address("in"))[0] == pdu.A_ASSOCIATE_AC
         assert pacs.hellos == [2, 2]  # the operator's list as written: nothing learnt
     finally:
         refusing.close()

@@ -39,12 +39,13 @@ from tests.support import (
     build_rq,
     client_ssl_context,
     pacs_ssl_context,
+    plaintext_association,
     proxy_config,
     recv_pdu,
     running_proxy,
     sha256_of,
     tls_in,
-    tls_out,
+    tls_origination_config,
     toml_dumps,
     wait_until,
 )
@@ -255,30 +256,9 @@ class TlsPacs(ScriptedUpstream):
         conn.sendall(pdu.encode_release_rp())
 
 
-def plaintext_association(address: tuple[str, int]) -> bytes:
-    with socket.create_connection(address, timeout=TIMEOUT) as sock:
-        sock.sendall(build_rq("PACS"))
-        answer = recv_pdu(sock)
-        sock.sendall(pdu.encode_release_rq())
-        recv_pdu(sock)
-        return answer
-
-
 def test_the_proxy_resumes_with_its_upstream(tmp_path: Path, pki: Path) -> None:
     pacs = TlsPacs(pki)
-    config = {
-        "proxy": {"log_format": "json"},
-        "tls": {"pacs": tls_out(pki)},
-        "listener": [{"name": "in", "bind": "127.0.0.1:0"}],
-        "route": [
-            {
-                "called_ae": "PACS",
-                "upstream": pacs.address,
-                "upstream_tls": "pacs",
-                "listeners": ["in"],
-            }
-        ],
-    }
+    config = tls_origination_config(pacs.address, pki)
     try:
         with running_proxy(tmp_path, config) as proxy:
             address = proxy.address("in")
@@ -297,19 +277,7 @@ def test_the_proxy_resumes_with_its_upstream(tmp_path: Path, pki: Path) -> None:
 
 def test_no_tickets_no_upstream_resumption(tmp_path: Path, pki: Path) -> None:
     pacs = TlsPacs(pki)
-    config = {
-        "proxy": {"log_format": "json"},
-        "tls": {"pacs": {**tls_out(pki), "session_tickets": False}},
-        "listener": [{"name": "in", "bind": "127.0.0.1:0"}],
-        "route": [
-            {
-                "called_ae": "PACS",
-                "upstream": pacs.address,
-                "upstream_tls": "pacs",
-                "listeners": ["in"],
-            }
-        ],
-    }
+    config = tls_origination_config(pacs.address, pki, session_tickets=False)
     try:
         with running_proxy(tmp_path, config) as proxy:
             for _ in range(2):
@@ -323,19 +291,7 @@ def test_open_link_resumes(tmp_path: Path, pki: Path) -> None:
     """The forwarder's way out: `echo.open_link` with the generation's client context."""
     pacs = TlsPacs(pki)
     path = tmp_path / "out.toml"
-    config = {
-        "tls": {"pacs": tls_out(pki)},
-        "listener": [{"name": "in", "bind": "127.0.0.1:0"}],
-        "route": [
-            {
-                "called_ae": "PACS",
-                "upstream": pacs.address,
-                "upstream_tls": "pacs",
-                "listeners": ["in"],
-            }
-        ],
-    }
-    path.write_text(toml_dumps(config))
+    path.write_text(toml_dumps(tls_origination_config(pacs.address, pki)))
     loaded = load_config(path)
     table, route = loaded.tls["pacs"], loaded.routes[0]
     context = client_context(table)
