@@ -162,6 +162,31 @@ def _start(
 ) -> dict[str, Endpoint]:
     """Both devices (storescp and storescp +tls) and the proxy under callgrind, listening; with
     `resumption`, W2R's config (the proxy resumes its sessions with the TLS device)."""
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={work / 'callgrind.out'}",
+        tools.python,
+    ]
+    return proxy_with_devices(
+        stack, tools, pki, work, valgrind, "proxy under callgrind", resumption=resumption
+    )
+
+
+def proxy_with_devices(
+    stack: ExitStack,
+    tools: Tools,
+    pki: Pki,
+    work: Path,
+    python: list[str],
+    name: str,
+    *,
+    resumption: bool = False,
+) -> dict[str, Endpoint]:
+    """Both devices (storescp and storescp +tls) and one proxy serving both directions, run as
+    `python` + `-m dicom_tls_proxy run` (so under valgrind or cProfile), listening; the endpoints
+    of its termination and origination routes by direction."""
     ports = Ports.fresh()
     for setup_name, port in (("proxy-term", ports.device), ("proxy-orig", ports.tls_device)):
         setup = next(s for s in setups.SETUPS if s.name == setup_name)
@@ -174,21 +199,10 @@ def _start(
     config = work / "proxy.toml"
     config.write_text(setups.proxy_config(pki, ports, resumption=resumption))
     log = work / "proxy.log"
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={work / 'callgrind.out'}",
-        tools.python,
-        "-m",
-        "dicom_tls_proxy",
-        "run",
-        "-c",
-        str(config),
-    ]
+    argv = [*python, "-m", "dicom_tls_proxy", "run", "-c", str(config)]
     proxy = stack.enter_context(
         procs.started(
-            "proxy under callgrind",
+            name,
             argv,
             log,
             port=ports.plain_in,
@@ -197,10 +211,10 @@ def _start(
             timeout=START_TIMEOUT,
         )
     )
-    procs.wait_listening(ports.tls_in, proxy, "proxy under callgrind", log, START_TIMEOUT)
+    procs.wait_listening(ports.tls_in, proxy, name, log, START_TIMEOUT)
     endpoints = {}
-    for direction, name in DIRECTIONS.items():
-        setup: Setup = next(s for s in setups.SETUPS if s.name == name)
+    for direction, setup_name in DIRECTIONS.items():
+        setup: Setup = next(s for s in setups.SETUPS if s.name == setup_name)
         endpoints[direction] = Endpoint(
             setup=setup,
             port=ports.tls_in if setup.client_tls else ports.plain_in,

@@ -17,63 +17,37 @@ from __future__ import annotations
 import argparse
 import collections
 import pstats
-import signal
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import callgrind
 import procs
 import resuming_echo
 import setups
 import workloads
-from setups import Endpoint, Ports
 
 Stats = dict[tuple[str, int, str], Any]
 
 
 def profile(tools: setups.Tools, pki: setups.Pki, work: Path, count: int) -> Stats:
     """The proxy's cProfile stats after `count` resumed termination associations."""
-    out = work / f"proxy-{count}.prof"
+    folder = work / f"n{count}"
+    folder.mkdir()
+    out = folder / "proxy.prof"
     with ExitStack() as stack:
-        ports = Ports.fresh()
-        setup = next(s for s in setups.SETUPS if s.name == "proxy-term")
-        argv = [tools.storescp, "--ignore", "-aet", setup.called_ae, str(ports.device)]
-        log = work / f"storescp-{count}.log"
-        stack.enter_context(
-            procs.started("storescp", argv, log, port=ports.device, env=setups.DEVICE_ENV)
+        cprofile = [tools.python, "-m", "cProfile", "-o", str(out)]
+        endpoints = callgrind.proxy_with_devices(
+            stack, tools, pki, folder, cprofile, "proxy under cProfile", resumption=True
         )
-        config = work / "proxy.toml"
-        config.write_text(setups.proxy_config(pki, ports, resumption=True))
-        log = work / f"proxy-{count}.log"
-        argv = [tools.python, "-m", "cProfile", "-o", str(out), "-m", "dicom_tls_proxy"]
-        argv += ["run", "-c", str(config)]
-        proxy = stack.enter_context(
-            procs.started(
-                "proxy",
-                argv,
-                log,
-                port=ports.tls_in,
-                env={"PYTHONHASHSEED": "0"},
-                cwd=tools.proxy_source,
-            )
-        )
-        endpoint = Endpoint(
-            setup=setup,
-            port=ports.tls_in,
-            called_ae=setup.called_ae,
-            client_args=pki.dcmtk_args("client"),
-            measured_pid=proxy.pid,
-            log=log,
-            device_port=ports.device,
-        )
-        with resuming_echo.primed(endpoint, pki, count, workloads.CLIENT_TIMEOUT) as client:
+        term = endpoints["termination"]
+        with resuming_echo.primed(term, pki, count, workloads.CLIENT_TIMEOUT) as client:
             tally = client.go(workloads.CLIENT_TIMEOUT)
         if tally["resumed"] != count:
             raise procs.BenchmarkError(f"{count - tally['resumed']} did not resume: {tally}")
-        workloads.wait_logged(endpoint, count + 1)
-        proxy.send_signal(signal.SIGTERM)  # cProfile writes its file as the proxy exits
-        proxy.wait(procs.TIMEOUT)
+        workloads.wait_logged(term, count + 1)
+    # Leaving the block stops the proxy with SIGTERM: cProfile writes its file as it exits.
     stats: Stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
     return stats
 
@@ -107,7 +81,7 @@ def difference(small: Stats, big: Stats, n: float) -> tuple[collections.Counter[
             continue
         for caller, figures in callers.items():  # a builtin: its callers' areas
             earlier = before[4].get(caller, (0, 0, 0, 0))
-            by_area[(area(caller[0]) or "builtins") + ""] += (figures[1] - earlier[1]) / n
+            by_area[area(caller[0]) or "builtins"] += (figures[1] - earlier[1]) / n
     functions.sort(reverse=True)
     return by_area, functions
 

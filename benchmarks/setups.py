@@ -350,6 +350,16 @@ allow_source = ["127.0.0.0/8"]
 """
 
 
+def _port_fields(ports: Ports) -> dict[str, int]:
+    """The listening ports stunnel.conf and haproxy.cfg name, the same in both templates."""
+    return {
+        "termination_port": ports.tls_in,
+        "termination_upstream_port": ports.device,
+        "origination_port": ports.plain_in,
+        "origination_upstream_port": ports.tls_device,
+    }
+
+
 def stunnel_config(
     pki: Pki, ports: Ports, verify_level: str = "verifyChain", resumption: bool = False
 ) -> str:
@@ -357,10 +367,7 @@ def stunnel_config(
     [origination] service resumes its sessions with the device (`sessionResume = yes`)."""
     template = string.Template(STUNNEL_TEMPLATE.read_text())
     return template.substitute(
-        termination_port=ports.tls_in,
-        termination_upstream_port=ports.device,
-        origination_port=ports.plain_in,
-        origination_upstream_port=ports.tls_device,
+        **_port_fields(ports),
         server_certificate=pki.cert("proxy"),
         server_key=pki.key("proxy"),
         client_certificate=pki.cert("client"),
@@ -429,10 +436,7 @@ def haproxy_config(pki: Pki, ports: Ports, work: Path, resumption: bool = False)
         pems[who] = pem
     template = string.Template(HAPROXY_TEMPLATE.read_text())
     return template.substitute(
-        termination_port=ports.tls_in,
-        termination_upstream_port=ports.device,
-        origination_port=ports.plain_in,
-        origination_upstream_port=ports.tls_device,
+        **_port_fields(ports),
         server_pem=pems["proxy"],
         client_pem=pems["client"],
         ca=pki.ca,

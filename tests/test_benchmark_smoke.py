@@ -47,27 +47,31 @@ MACHINE = {  # the facts printed beside every figure (benchmarks/machine.py)
 }
 
 
-@pytest.mark.dcmtk
-def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
+def run_benchmark(script: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """benchmarks/SCRIPT with `args`, its results into `out`; it must exit 0."""
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "run.py"),
-            "--quick",
-            "--workloads",
-            "W1,W2,W2R,W3,W4",
-            "--operations",
-            "--workers",
-            "1,2",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.dcmtk
+def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
+    done = run_benchmark(
+        "run.py",
+        tmp_path,
+        "--quick",
+        "--workloads",
+        "W1,W2,W2R,W3,W4",
+        "--operations",
+        "--workers",
+        "1,2",
+    )
     [result] = tmp_path.glob("run-*.json")
     data = json.loads(result.read_text())
     assert [r for r in data["runs"] if r["error"]] == []
@@ -128,27 +132,18 @@ def test_quick_benchmark_measures_every_workload(tmp_path: Path) -> None:
 @pytest.mark.dcmtk
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_quick_callgrind_counts_per_association_and_per_mb(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "run.py"),
-            "--quick",
-            "--workloads",
-            "W2",
-            "--without-stunnel",
-            "--without-haproxy",
-            "--callgrind",
-            "--callgrind-runs",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+    done = run_benchmark(
+        "run.py",
+        tmp_path,
+        "--quick",
+        "--workloads",
+        "W2",
+        "--without-stunnel",
+        "--without-haproxy",
+        "--callgrind",
+        "--callgrind-runs",
+        "1",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     [result] = tmp_path.glob("run-*.json")
     counts = json.loads(result.read_text())["callgrind"]
     phases = {(r["direction"], r["kind"]) for r in counts["runs"]}
@@ -165,23 +160,7 @@ def test_quick_callgrind_counts_per_association_and_per_mb(tmp_path: Path) -> No
 def test_store_and_forward_benchmark_runs_on_a_tiny_study(tmp_path: Path) -> None:
     """benchmarks/store_and_forward.py (issue 14) on 20 instances of 16 KiB: every setup
     measured, every instance delivered (the script checks it), the table printed."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "store_and_forward.py"),
-            "--instances",
-            "20",
-            "--size-kb",
-            "16",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_benchmark("store_and_forward.py", tmp_path, "--instances", "20", "--size-kb", "16")
     assert "| relay |" in done.stdout
     assert "| s&f, PACS down: drain alone |" in done.stdout
     [result] = tmp_path.glob("sf-*.json")
