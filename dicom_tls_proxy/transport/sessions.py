@@ -93,16 +93,16 @@ class ClientSessions:
         self._keep_sessions = keep_sessions
         self._learn_groups = learn_groups
         self._sessions: dict[Key, SSL.Session] = {}
-        self._groups: dict[Key, str] = {}
+        self._groups: dict[Key, str] = {}  # the group list to offer (`leading`), made once
 
     def offer(self, conn: SSL.Connection, key: Key) -> None:
         """Before the handshake: the session kept for `key`, and its group's key share first."""
         session = self._sessions.get(key)
         if session is not None:
             conn.set_session(session)
-        group = self._groups.get(key)
-        if group is not None:
-            _openssl.lead_with(conn, leading(group))
+        groups = self._groups.get(key)
+        if groups is not None:
+            _openssl.lead_with(conn, groups)
 
     def learn(self, conn: SSL.Connection, key: Key) -> None:
         """After a verified handshake: the group the upstream chose, if not one that OpenSSL
@@ -112,7 +112,7 @@ class ClientSessions:
         group = conn.get_group_name()
         self._groups.pop(key, None)
         if group and group.lower() not in SHARED_BY_DEFAULT:
-            self._groups[key] = group
+            self._groups[key] = leading(group)
             _bound(self._groups, self._limit)
 
     def keep(self, conn: SSL.Connection, key: Key) -> None:
