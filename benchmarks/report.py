@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from setups import OPERATIONS_WORKLOADS, PAIRS, comparisons
-from workloads import ECHO_WORKLOADS, Run
+from workloads import DATA_WORKLOADS, ECHO_WORKLOADS, Run
 
 Metric = Literal[
     "throughput_mb_s",
@@ -59,7 +59,7 @@ def metrics(run: Run) -> dict[str, float]:
     m: dict[str, float] = {}
     if run.error:
         return m
-    moves_data = run.workload in ("W1", "W3")
+    moves_data = run.workload in DATA_WORKLOADS
     echoes = run.workload in ECHO_WORKLOADS
     if moves_data and run.wall_s:
         m["throughput_mb_s"] = run.payload_bytes / run.wall_s / 1e6

@@ -57,6 +57,7 @@ WORKLOADS = ("W1", "W2", "W2R", "W3", "W4")
 DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4")  # W2R on request (its results are new in issue 16)
 RESUMING = ("W2R",)  # the middleboxes resume their sessions towards the device too
 ECHO_WORKLOADS = ("W2", "W2R")  # sequential C-ECHO associations: CPU per association
+DATA_WORKLOADS = ("W1", "W3")  # storescu sending instances: throughput, CPU per GB, machine busy
 DESCRIPTIONS = {
     "W1": "one association, one {w1} instance",
     "W2": "{w2} sequential C-ECHO associations",
@@ -238,7 +239,7 @@ def measure(
 def _run_clients(
     workload: str, endpoint: Endpoint, tools: Tools, data: Data, sizes: Sizes, run: Run
 ) -> None:
-    if workload in ("W1", "W3"):
+    if workload in DATA_WORKLOADS:
         busy = procs.machine_cpu()[0]
         _run_data_clients(workload, endpoint, tools, data, sizes, run)
         run.machine_busy_s = round(procs.machine_cpu()[0] - busy, 2)
